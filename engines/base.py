@@ -1,0 +1,157 @@
+"""The one interface every in-process engine implements.
+
+The gateway never talks to llama.cpp, transformers or vLLM directly: it renders a prompt through
+`Engine.render_chat`/`Engine.encode_prompt`, then consumes `Engine.generate` as an async iterator of
+`Delta`s. Engines may run many generations at once; each call to `generate` is one sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+
+class EngineError(Exception):
+    """An engine failure the gateway maps to an OpenAI-shaped error."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class EngineNotReady(EngineError):
+    status_code = 503
+    error_type = "server_error"
+    code = "model_not_ready"
+
+
+class EngineOverloaded(EngineError):
+    status_code = 503
+    error_type = "server_error"
+    code = "engine_overloaded"
+
+
+class ContextLengthExceeded(EngineError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+
+class UnsupportedFeature(EngineError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "unsupported_parameter"
+
+
+@dataclass
+class EngineConfig:
+    """What one engine instance loads and how; engine-specific knobs go in `options`."""
+
+    model_path: str
+    served_name: str
+    context_length: int = 4096
+    threads: int | None = None
+    gpu_layers: int = 0
+    parallel: int = 4
+    batch_size: int = 512
+    embedding: bool = True
+    max_waiting: int = 256
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for generation: the rendered text and its token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class SamplingParams:
+    """Engine-level generation options, already validated by the gateway."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
+    json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching this schema
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """A piece of one generated sequence: new text, how many tokens it covers, and the finish."""
+
+    text: str = ""
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" on the last delta
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass
+class EngineInfo:
+    engine: str
+    model: str
+    device: str
+    state: str  # "loading" | "ready" | "failed" | "closed"
+    context_length: int
+    embedding_dimensions: int | None
+    memory_bytes: int
+    running: int = 0
+    waiting: int = 0
+    error: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded model in this process. All methods are safe to call from the event loop."""
+
+    name: str
+
+    async def load(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def info(self) -> EngineInfo: ...
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        """Apply the model's chat template and tokenize."""
+        ...
+
+    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
+        """Tokenize a raw completion prompt (or accept token ids as they are)."""
+        ...
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream one sequence. Closing the iterator early cancels the work in the engine."""
+        ...
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings: ...

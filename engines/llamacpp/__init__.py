@@ -1,0 +1,3 @@
+from engines.llamacpp.engine import LlamaCppEngine
+
+__all__ = ["LlamaCppEngine"]

@@ -1,0 +1,236 @@
+"""The llama.cpp engine: a GGUF model loaded in this process, served by the batching scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import AsyncIterator
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from engines.base import (
+    ContextLengthExceeded,
+    Delta,
+    EngineConfig,
+    EngineError,
+    EngineInfo,
+    EngineNotReady,
+    Embeddings,
+    Prompt,
+    SamplingParams,
+    UnsupportedFeature,
+)
+from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata
+from engines.llamacpp.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+MAX_EMBEDDING_TOKENS = 512
+
+
+class LlamaCppEngine:
+    name = "llamacpp"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._state = "loading"
+        self._error: str | None = None
+        self._model = None
+        self._ctx = None
+        self._embed_ctx = None
+        self._vocab: Vocab | None = None
+        self._chat_formatter: Jinja2ChatFormatter | None = None
+        self._scheduler: Scheduler | None = None
+        self._embedding_dimensions: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        try:
+            await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:
+            self._state, self._error = "failed", str(exc)
+            raise
+        config = self.config
+        self._scheduler = Scheduler(
+            self._ctx,
+            self._vocab,
+            slots=config.parallel,
+            batch_size=config.batch_size,
+            context_length=config.context_length,
+            max_waiting=config.max_waiting,
+        )
+        self._state = "ready"
+
+    def _load_blocking(self) -> None:
+        config = self.config
+        if not os.path.isfile(config.model_path):
+            raise FileNotFoundError(f"model file not found: {config.model_path}")
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = config.gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {config.model_path}")
+        self._vocab = Vocab(self._model)
+        self._chat_formatter = self._load_chat_formatter()
+        # One KV stream of `context_length` cells per slot, so every request gets the whole window.
+        self._ctx = self._new_context(
+            n_ctx=config.context_length * config.parallel, n_batch=config.batch_size, n_seq_max=config.parallel
+        )
+        if config.embedding:
+            size = self._embedding_window()
+            self._embed_ctx = self._new_context(n_ctx=size, n_batch=size, n_seq_max=1, embeddings=True)
+            self._embedding_dimensions = llama_cpp.llama_model_n_embd(self._model)
+
+    def _embedding_window(self) -> int:
+        # A pooled embedding needs the whole input in one micro-batch, and the compute buffer grows
+        # with it (4096 tokens cost ~800 MB for this vocabulary), so inputs are capped like BERT's.
+        return min(self.config.context_length, MAX_EMBEDDING_TOKENS)
+
+    def _new_context(self, *, n_ctx: int, n_batch: int, n_seq_max: int, embeddings: bool = False):
+        threads = self.config.threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = False
+        params.no_perf = True
+        if embeddings:
+            params.embeddings = True
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        return ctx
+
+    def _load_chat_formatter(self) -> Jinja2ChatFormatter | None:
+        template = model_metadata(self._model, "tokenizer.chat_template")
+        if template is None:
+            return None
+        vocab = self._vocab
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=vocab.piece(vocab.eos, special=True).decode(errors="replace"),
+            bos_token=vocab.piece(vocab.bos, special=True).decode(errors="replace"),
+        )
+
+    async def close(self) -> None:
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.stop)
+            self._scheduler = None
+        for ctx in (self._ctx, self._embed_ctx):
+            if ctx:
+                llama_cpp.llama_free(ctx)
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+        self._ctx = self._embed_ctx = self._model = None
+        self._state = "closed"
+
+    def info(self) -> EngineInfo:
+        scheduler = self._scheduler
+        return EngineInfo(
+            engine=self.name,
+            model=self.config.served_name,
+            device="cuda" if self.config.gpu_layers else "cpu",
+            state=self._state,
+            context_length=self.config.context_length,
+            embedding_dimensions=self._embedding_dimensions,
+            memory_bytes=llama_cpp.llama_model_size(self._model) if self._model else 0,
+            running=scheduler.running if scheduler else 0,
+            waiting=scheduler.waiting if scheduler else 0,
+            error=self._error,
+        )
+
+    def _require_ready(self) -> Scheduler:
+        if self._state != "ready" or self._scheduler is None:
+            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
+        return self._scheduler
+
+    # ---- prompts ---------------------------------------------------------------------------
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        self._require_ready()
+        if self._chat_formatter is None:
+            raise UnsupportedFeature(
+                f"model {self.config.served_name!r} has no chat template; use /v1/completions", param="model"
+            )
+        text = self._chat_formatter(messages=messages).prompt
+        tokens = await asyncio.to_thread(self._vocab.tokenize, text, add_special=False, parse_special=True)
+        return Prompt(text=text, token_ids=tokens)
+
+    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
+        self._require_ready()
+        if isinstance(prompt, list):
+            self._check_token_ids(prompt)
+            return Prompt(text="", token_ids=list(prompt))
+        tokens = await asyncio.to_thread(self._vocab.tokenize, prompt, add_special=True, parse_special=False)
+        return Prompt(text=prompt, token_ids=tokens or [self._vocab.bos])
+
+    def _check_token_ids(self, tokens: list[int]) -> None:
+        if not tokens or any(t < 0 or t >= self._vocab.size for t in tokens):
+            raise UnsupportedFeature(f"token ids must be in [0, {self._vocab.size})", param="prompt")
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        scheduler = self._require_ready()
+        grammar = await asyncio.to_thread(json_grammar, params.json_schema) if params.json_schema is not None else None
+        sequence = scheduler.submit(prompt.token_ids, params, grammar)
+        try:
+            while True:
+                item = await sequence.inbox.get()
+                if isinstance(item, ValueError):
+                    raise UnsupportedFeature(str(item), param="response_format")
+                if isinstance(item, BaseException):
+                    raise EngineError(f"generation failed: {item}")
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            if not sequence.cancelled:
+                sequence.cancel()
+                scheduler.wake()
+
+    # ---- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        scheduler = self._require_ready()
+        if self._embed_ctx is None:
+            raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
+        token_lists = []
+        for item in inputs:
+            if isinstance(item, str):
+                tokens = await asyncio.to_thread(self._vocab.tokenize, item, add_special=True, parse_special=False)
+            else:
+                self._check_token_ids(item)
+                tokens = item
+            if len(tokens) > self._embedding_window():
+                raise ContextLengthExceeded(
+                    f"an input has {len(tokens)} tokens; this model embeds at most {self._embedding_window()}",
+                    param="input",
+                )
+            token_lists.append(tokens)
+        vectors = await scheduler.call(lambda: [self._embed_one(tokens) for tokens in token_lists])
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(t) for t in token_lists))
+
+    def _embed_one(self, tokens: list[int]) -> list[float]:
+        """Mean-pooled, L2-normalised embedding; runs on the scheduler's worker thread."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._embed_ctx), True)
+        batch = Batch(len(tokens))
+        try:
+            for position, token in enumerate(tokens):
+                batch.add(token, position, 0, True)
+            if llama_cpp.llama_decode(self._embed_ctx, batch.native) != 0:
+                raise RuntimeError("llama_decode failed while embedding")
+        finally:
+            batch.free()
+        pointer = llama_cpp.llama_get_embeddings_seq(self._embed_ctx, 0)
+        vector = np.ctypeslib.as_array(pointer, shape=(self._embedding_dimensions,)).astype(np.float64)
+        norm = np.linalg.norm(vector)
+        return (vector / norm if norm > 0 else vector).tolist()

@@ -1,0 +1,144 @@
+"""Thin helpers over llama-cpp-python's ctypes bindings (the C API of llama.cpp).
+
+We use the C API rather than `llama_cpp.Llama`: `Llama` decodes one sequence at a time and needs
+`logits_all` for logprobs, while the scheduler here batches many sequences in one context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from engines.base import SamplingParams
+
+PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
+
+
+class Vocab:
+    """Tokenizer and detokenizer of a loaded model; read-only, so safe from any thread."""
+
+    def __init__(self, model):
+        self.ptr = llama_cpp.llama_model_get_vocab(model)
+        self.size = llama_cpp.llama_vocab_n_tokens(self.ptr)
+        self.bos = llama_cpp.llama_vocab_bos(self.ptr)
+        self.eos = llama_cpp.llama_vocab_eos(self.ptr)
+        self.eog_ids = [t for t in (self.eos, llama_cpp.llama_vocab_eot(self.ptr)) if t >= 0]
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self.ptr, data, len(data), buffer, capacity, add_special, parse_special)
+        if count < 0:  # buffer too small: the negative value is the size needed
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self.ptr, data, len(data), buffer, capacity, add_special, parse_special)
+        return list(buffer[:count])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        size = llama_cpp.llama_token_to_piece(self.ptr, token, buffer, len(buffer), 0, special)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self.ptr, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:size]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.ptr, token))
+
+
+def model_metadata(model, key: str) -> str | None:
+    buffer = ctypes.create_string_buffer(1 << 16)
+    size = llama_cpp.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
+    if size < 0:
+        return None
+    if size >= len(buffer):
+        buffer = ctypes.create_string_buffer(size + 1)
+        llama_cpp.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
+    return buffer.value.decode("utf-8", errors="replace")
+
+
+def json_grammar(schema: dict) -> str:
+    """GBNF for JSON matching `schema`. Whitespace is limited to one optional space between tokens,
+    so a small model cannot fill `max_tokens` with newlines and never close the object."""
+    return json_schema_to_gbnf(json.dumps(schema))
+
+
+def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
+    """The native sampler chain for one sequence (the order llama-server uses)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler) -> None:
+        if not sampler:
+            llama_cpp.llama_sampler_free(chain)
+            raise ValueError("llama.cpp refused the sampler settings (invalid grammar?)")
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    biases = dict(params.logit_bias)
+    if params.ignore_eos:
+        biases.update({token: float("-inf") for token in vocab.eog_ids})
+    if biases:
+        array = (llama_cpp.llama_logit_bias * len(biases))()
+        for slot, (token, bias) in zip(array, biases.items()):
+            slot.token, slot.bias = token, bias
+        add(llama_cpp.llama_sampler_init_logit_bias(vocab.size, len(biases), array))
+    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                vocab.size,
+                PENALTY_WINDOW, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+            )
+        )
+    if grammar is not None:
+        add(llama_cpp.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root"))
+    if params.temperature == 0:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(params.temperature))
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+    add(llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+def log_softmax(logits_ptr, n_vocab: int) -> np.ndarray:
+    logits = np.ctypeslib.as_array(logits_ptr, shape=(n_vocab,))
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+class Batch:
+    """A reusable llama_batch with a Python-friendly `add`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.native = llama_cpp.llama_batch_init(capacity, 0, 1)
+
+    def clear(self) -> None:
+        self.native.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, wants_logits: bool) -> int:
+        i = self.native.n_tokens
+        self.native.token[i] = token
+        self.native.pos[i] = pos
+        self.native.n_seq_id[i] = 1
+        self.native.seq_id[i][0] = seq_id
+        self.native.logits[i] = wants_logits
+        self.native.n_tokens = i + 1
+        return i
+
+    @property
+    def size(self) -> int:
+        return self.native.n_tokens
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.native)

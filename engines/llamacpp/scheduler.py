@@ -1,0 +1,259 @@
+"""Continuous batching for llama.cpp: one worker thread owns the context and decodes every running
+sequence in one `llama_decode` per step.
+
+Each step puts one token for every decoding sequence into the batch, then fills what is left of
+`batch_size` with prompt chunks of newly admitted sequences, so a long prompt never stalls running
+streams. Sequences join and leave between steps; a cancelled one frees its slot at the next step.
+The event loop only submits sequences and receives `Delta`s; it never calls into llama.cpp here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import llama_cpp
+
+from engines.base import Delta, EngineOverloaded, SamplingParams, TokenLogprob
+from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax
+from engines.text import StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    tokens: list[int]
+    params: SamplingParams
+    grammar: str | None
+    inbox: asyncio.Queue
+    slot: int = -1
+    n_cached: int = 0
+    generated: int = 0
+    sampler: Any = None
+    cancelled: bool = False
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    stops: StopMatcher | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(
+        self,
+        ctx,
+        vocab: Vocab,
+        *,
+        slots: int,
+        batch_size: int,
+        context_length: int,
+        max_waiting: int,
+    ):
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._batch = Batch(batch_size)
+        self._context_length = context_length
+        self._max_waiting = max_waiting
+        self._free_slots = list(range(slots))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._outbox: list[tuple[asyncio.Queue, Any]] = []
+        self._submitted = 0  # written by the event loop only
+        self._admitted = 0  # written by the worker only
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side -------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return self._submitted - self._admitted
+
+    def submit(self, tokens: list[int], params: SamplingParams, grammar: str | None) -> Sequence:
+        if self.waiting >= self._max_waiting:
+            raise EngineOverloaded(f"the llama.cpp engine already has {self.waiting} requests waiting")
+        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue())
+        self._submitted += 1
+        self._inbox.put(sequence)
+        return sequence
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run `fn` on the worker thread between decode steps (for embeddings and other context work)."""
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        return asyncio.wrap_future(future)
+
+    def wake(self) -> None:
+        self._inbox.put(None)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+        self._thread.join(timeout=30)
+        self._batch.free()
+
+    # ---- worker side -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._take_inbox(block=not (self._running or self._waiting))
+                self._drop_cancelled()
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # never let the worker die silently: fail the sequences in flight
+                log.exception("llama.cpp scheduler step failed")
+                for sequence in list(self._running):
+                    self._fail(sequence, exc)
+            self._flush_outbox()
+        for sequence in list(self._running) + list(self._waiting):
+            self._fail(sequence, RuntimeError("the engine is shutting down"))
+        self._flush_outbox()
+
+    def _take_inbox(self, block: bool) -> None:
+        items = [self._inbox.get()] if block else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in items:
+            if isinstance(item, Sequence):
+                self._waiting.append(item)
+            elif isinstance(item, tuple):
+                self._run_job(*item)
+
+    @staticmethod
+    def _run_job(fn: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._running if s.cancelled]:
+            self._release(sequence)
+        for sequence in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(sequence)
+            self._admitted += 1
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            sequence = self._waiting.popleft()
+            self._admitted += 1
+            try:
+                sequence.sampler = build_sampler(self._vocab, sequence.params, sequence.grammar)
+            except Exception as exc:  # the sequence must hear about it, or its client waits forever
+                self._send(sequence, exc)
+                continue
+            sequence.slot = self._free_slots.pop()
+            sequence.stops = StopMatcher(sequence.params.stop)
+            self._running.append(sequence)
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[Sequence, int]] = []
+        # Decoding sequences first (one token each), then prompt chunks in arrival order.
+        ordered = sorted(self._running, key=lambda s: len(s.tokens) - s.n_cached > 1)
+        chunks: list[tuple[Sequence, int]] = []
+        for sequence in ordered:
+            room = batch.capacity - batch.size
+            if room == 0:
+                break
+            pending = sequence.tokens[sequence.n_cached : sequence.n_cached + room]
+            completes = sequence.n_cached + len(pending) == len(sequence.tokens)
+            for offset, token in enumerate(pending):
+                is_last = completes and offset == len(pending) - 1
+                index = batch.add(token, sequence.n_cached + offset, sequence.slot, is_last)
+            if completes:
+                outputs.append((sequence, index))
+            chunks.append((sequence, len(pending)))
+        status = llama_cpp.llama_decode(self._ctx, batch.native)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        for sequence, count in chunks:
+            sequence.n_cached += count
+        for sequence, index in outputs:
+            self._sample(sequence, index)
+
+    def _sample(self, sequence: Sequence, index: int) -> None:
+        params = sequence.params
+        logprobs = self._logprobs(index) if params.logprobs is not None else None
+        token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index)
+        sequence.tokens.append(token)
+        sequence.generated += 1
+        end_of_text = self._vocab.is_eog(token) and not params.ignore_eos
+        text = "" if end_of_text else sequence.decoder.decode(self._vocab.piece(token))
+        text, hit_stop = sequence.stops.feed(text)
+        finish = None
+        if end_of_text or hit_stop:
+            finish = "stop"
+        elif sequence.generated >= params.max_tokens or len(sequence.tokens) >= self._context_length:
+            finish = "length"
+        if finish and not hit_stop:
+            text += sequence.decoder.decode(b"", final=True) + sequence.stops.flush()
+        chosen = []
+        if logprobs is not None:
+            chosen = [self._token_logprob(token, logprobs, params.logprobs)]
+        self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish))
+        if finish:
+            self._release(sequence)
+
+    def _logprobs(self, index: int):
+        return log_softmax(llama_cpp.llama_get_logits_ith(self._ctx, index), self._vocab.size)
+
+    def _token_logprob(self, token: int, logprobs, top: int) -> TokenLogprob:
+        alternatives = []
+        if top > 0:
+            best = logprobs.argpartition(-top)[-top:]
+            best = best[logprobs[best].argsort()[::-1]]
+            alternatives = [self._describe(int(t), float(logprobs[t])) for t in best]
+        return replace(self._describe(token, float(logprobs[token])), top=alternatives)
+
+    def _describe(self, token: int, logprob: float) -> TokenLogprob:
+        raw = self._vocab.piece(token, special=True)
+        return TokenLogprob(token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw))
+
+    def _release(self, sequence: Sequence) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+        llama_cpp.llama_sampler_free(sequence.sampler)
+        self._running.remove(sequence)
+        self._free_slots.append(sequence.slot)
+
+    def _fail(self, sequence: Sequence, error: Exception) -> None:
+        if sequence in self._running:
+            self._release(sequence)
+        self._send(sequence, error)
+
+    def _send(self, sequence: Sequence, item: Any) -> None:
+        self._outbox.append((sequence.inbox, item))
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for inbox, item in items:
+        inbox.put_nowait(item)

@@ -1,0 +1,40 @@
+"""Text helpers shared by all engines: stop-sequence matching over a stream of text pieces."""
+
+from __future__ import annotations
+
+
+class StopMatcher:
+    """Cuts a growing text at the first stop sequence, holding back a tail that may start one.
+
+    Streaming needs the hold-back: with stop "###", the piece "#" must not be sent until the next
+    piece shows whether it is the start of the stop sequence.
+    """
+
+    def __init__(self, stops: list[str]):
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit now, whether a stop sequence was hit)."""
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        keep = self._longest_stop_prefix_suffix(buffer)
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        """Release the held-back tail (the sequence ended without completing a stop)."""
+        held, self._held = self._held, ""
+        return held
+
+    def _longest_stop_prefix_suffix(self, buffer: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

@@ -1,0 +1,1 @@
+"""local-llm-gateway: an OpenAI-compatible API over in-process engines."""

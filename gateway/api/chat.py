@@ -1,0 +1,116 @@
+"""POST /v1/chat/completions: messages → the model's chat template → the engine → chunks or one body."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from engines.base import Delta, Engine, TokenLogprob
+from gateway.generation import (
+    ChoiceResult,
+    collect,
+    fit_max_tokens,
+    merge,
+    primed,
+    sse_response,
+    start_generations,
+    until_disconnected,
+)
+from gateway.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    TokenLogprobOut,
+    TopLogprob,
+    Usage,
+    new_id,
+    now,
+)
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    engine: Engine = request.app.state.router.resolve(body.model)
+    messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
+    prompt = await engine.render_chat(messages)
+    max_tokens = fit_max_tokens(engine, len(prompt.token_ids), body.requested_max_tokens())
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    schema = body.response_format.schema_for_engine() if body.response_format else None
+    params = body.sampling_params(max_tokens, logprobs, schema)
+    merged = merge(start_generations(engine, prompt, params, body.n))
+    reply = _Reply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = await until_disconnected(request, primed(merged))
+        if not isinstance(stream, AsyncIterator):
+            return stream  # the client left while we waited for the first token
+        return sse_response(reply.chunks(stream, body.n, include_usage))
+    results = await until_disconnected(request, collect(merged, body.n))
+    return results if not isinstance(results, list) else reply.response(results)
+
+
+def _template_role(role: str) -> str:
+    return "system" if role == "developer" else role  # chat templates predate the developer role
+
+
+class _Reply:
+    def __init__(self, id: str, created: int, model: str, prompt_tokens: int):
+        self.id, self.created, self.model, self.prompt_tokens = id, created, model, prompt_tokens
+
+    def response(self, results: list[ChoiceResult]) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content=r.text),
+                logprobs=_logprobs(r.logprobs) if r.logprobs else None,
+                finish_reason=r.finish_reason,
+            )
+            for i, r in enumerate(results)
+        ]
+        completion = sum(r.tokens for r in results)
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self._usage(completion)
+        )
+
+    async def chunks(self, stream: AsyncIterator[tuple[int, Delta]], n: int, include_usage: bool) -> AsyncIterator[str]:
+        for index in range(n):
+            yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        completion = 0
+        async for index, delta in stream:
+            completion += delta.tokens
+            if delta.text or delta.logprobs:
+                logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
+                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=delta.text), logprobs=logprobs)])
+            if delta.finish_reason:
+                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=delta.finish_reason)])
+        if include_usage:
+            yield self._chunk([], usage=self._usage(completion))
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return chunk.model_dump_json()
+
+    def _usage(self, completion_tokens: int) -> Usage:
+        return Usage.count(self.prompt_tokens, completion_tokens)
+
+
+def _logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=e.bytes,
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in e.top],
+            )
+            for e in entries
+        ]
+    )

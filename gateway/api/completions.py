@@ -1,0 +1,97 @@
+"""POST /v1/completions (legacy): raw prompts, one or many, each with n choices."""
+
+from __future__ import annotations
+
+import itertools
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from engines.base import Delta, Engine, TokenLogprob
+from gateway.generation import (
+    ChoiceResult,
+    collect,
+    fit_max_tokens,
+    merge,
+    primed,
+    sse_response,
+    start_generations,
+    until_disconnected,
+)
+from gateway.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    new_id,
+    now,
+)
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def create_completion(body: CompletionRequest, request: Request):
+    engine: Engine = request.app.state.router.resolve(body.model)
+    prompts = [await engine.encode_prompt(p) for p in body.prompts()]
+    budgets = [fit_max_tokens(engine, len(p.token_ids), body.max_tokens, param="prompt") for p in prompts]
+    streams = list(
+        itertools.chain.from_iterable(
+            start_generations(engine, prompt, body.sampling_params(budget, body.logprobs, None), body.n)
+            for prompt, budget in zip(prompts, budgets)
+        )
+    )
+    merged = merge(streams)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    reply = _Reply(new_id("cmpl"), now(), body.model, prompt_tokens)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = await until_disconnected(request, primed(merged))
+        if not isinstance(stream, AsyncIterator):
+            return stream
+        return sse_response(reply.chunks(stream, include_usage))
+    results = await until_disconnected(request, collect(merged, len(streams)))
+    return results if not isinstance(results, list) else reply.response(results)
+
+
+class _Reply:
+    def __init__(self, id: str, created: int, model: str, prompt_tokens: int):
+        self.id, self.created, self.model, self.prompt_tokens = id, created, model, prompt_tokens
+
+    def response(self, results: list[ChoiceResult]) -> CompletionResponse:
+        choices = [
+            CompletionChoice(
+                index=i, text=r.text, logprobs=_logprobs(r.logprobs) if r.logprobs else None, finish_reason=r.finish_reason
+            )
+            for i, r in enumerate(results)
+        ]
+        usage = Usage.count(self.prompt_tokens, sum(r.tokens for r in results))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    async def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
+        completion = 0
+        async for index, delta in stream:
+            completion += delta.tokens
+            if delta.text or delta.logprobs or delta.finish_reason:
+                logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
+                choice = CompletionChoice(
+                    index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+                )
+                yield self._chunk([choice])
+        if include_usage:
+            yield self._chunk([], usage=Usage.count(self.prompt_tokens, completion))
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        chunk = CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        return chunk.model_dump_json()
+
+
+def _logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
+    offsets = list(itertools.accumulate((len(e.token) for e in entries[:-1]), initial=0))
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+        text_offset=offsets,
+    )

@@ -1,0 +1,34 @@
+"""POST /v1/embeddings: float or base64 vectors, as OpenAI sends them."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from engines.base import Engine
+from gateway.errors import invalid_param
+from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+
+router = APIRouter()
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    engine: Engine = request.app.state.router.resolve(body.model)
+    native = engine.info().embedding_dimensions
+    if body.dimensions is not None and body.dimensions != native:
+        raise invalid_param("dimensions", f"This model only produces {native}-dimensional embeddings.")
+    result = await engine.embed(body.inputs())
+    data = [
+        EmbeddingData(index=i, embedding=_encode(vector, body.encoding_format)) for i, vector in enumerate(result.vectors)
+    ]
+    usage = EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return EmbeddingResponse(data=data, model=body.model, usage=usage)
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # little-endian float32, which is what the OpenAI SDK decodes
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector

@@ -1,0 +1,116 @@
+"""OpenAI-shaped errors: every failure leaves the gateway as {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def invalid_param(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model '{model}' does not exist or you do not have access to it.",
+        param="model", code="model_not_found",
+    )  # fmt: skip
+
+
+def from_engine_error(error: EngineError) -> APIError:
+    headers = {"Retry-After": "1"} if error.status_code == 503 else None
+    return APIError(
+        error.status_code, error.message, type=error.error_type, param=error.param, code=error.code, headers=headers
+    )
+
+
+def as_api_error(error: BaseException) -> APIError:
+    """Any failure as the APIError a client should see; unexpected ones become a bare 500."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, EngineError):
+        return from_engine_error(error)
+    log.error("unexpected error", exc_info=error)
+    return APIError(500, "The server had an error while processing your request.", type="server_error")
+
+
+def _param_from_location(location: tuple) -> str | None:
+    parts = [str(p) for p in location if p != "body"]
+    # pydantic names union members ("str", "list[...]"), which mean nothing to a client.
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in {"str", "int", "list", "function-after"}]
+    if not parts:
+        return None
+    param = parts[0]
+    for part in parts[1:]:
+        param += f"[{part}]" if part.isdigit() else f".{part}"
+    return param
+
+
+def _validation_message(error: dict) -> str:
+    if error.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request. It must be valid JSON."
+    if error.get("type") == "missing":
+        return "Missing required parameter."
+    return error.get("msg", "Invalid value.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, error: EngineError) -> JSONResponse:
+        return from_engine_error(error).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        param = _param_from_location(tuple(first.get("loc", ())))
+        message = _validation_message(first)
+        if param and first.get("type") != "json_invalid":
+            message = f"Invalid value for '{param}': {message}"
+        return invalid_param(param, message).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return APIError(error.status_code, str(error.detail), code=code, headers=error.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        return as_api_error(error).response()

@@ -1,0 +1,150 @@
+"""What chat and legacy completions share: token budgets, n choices, streaming and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+
+from engines.base import Delta, Engine, Prompt, SamplingParams, TokenLogprob
+from gateway.errors import APIError, as_api_error
+
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody is left to read it
+
+
+def fit_max_tokens(engine: Engine, prompt_tokens: int, requested: int | None, param: str = "messages") -> int:
+    """The completion budget: what was asked, or all that is left of the context; 400 if it cannot fit."""
+    context = engine.info().context_length
+    available = context - prompt_tokens
+    if requested is None and available > 0:
+        return available
+    if requested is None or prompt_tokens + requested > context:
+        asked = f"{prompt_tokens} in the prompt" + (f" and {requested} to generate" if requested else "")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + (requested or 0)} tokens ({asked}). Please reduce the length of the "
+            "messages or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One parameter set per choice: with a seed, choice i uses seed+i so choices differ but repeat."""
+    return [params if params.seed is None or i == 0 else replace(params, seed=params.seed + i) for i in range(n)]
+
+
+async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave several generations as (index, delta) in arrival order; closing it closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for delta in only:
+                yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for delta in stream:
+                    await queue.put((index, delta))
+        except Exception as error:
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        finished = 0
+        while finished < len(streams):
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            finished += item.finish_reason is not None
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Wait for the first item before answering, so failures before any output become HTTP errors."""
+    first = await anext(stream)
+
+    async def rest() -> AsyncIterator[T]:
+        async with contextlib.aclosing(stream):
+            yield first
+            async for item in stream:
+                yield item
+
+    return rest()
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.tokens += delta.tokens
+        self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+
+async def collect(merged: AsyncIterator[tuple[int, Delta]], count: int) -> list[ChoiceResult]:
+    results = [ChoiceResult() for _ in range(count)]
+    async with contextlib.aclosing(merged):
+        async for index, delta in merged:
+            results[index].add(delta)
+    return results
+
+
+def start_generations(engine: Engine, prompt: Prompt, params: SamplingParams, n: int) -> list[AsyncIterator[Delta]]:
+    return [engine.generate(prompt, p) for p in choice_params(params, n)]
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """Run `work` unless the client goes away first; then cancel it, which frees the engine."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:
+    """Send JSON strings as SSE `data:` events, then `[DONE]`; an error mid-stream becomes a last event."""
+
+    async def with_done() -> AsyncIterator[str]:
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+        except Exception as error:  # headers are gone already: report in the stream, as OpenAI does
+            yield json.dumps(as_api_error(error).body())
+        yield "[DONE]"
+
+    return EventSourceResponse(with_done(), sep="\n", headers=headers, ping=15)

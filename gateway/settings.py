@@ -1,0 +1,31 @@
+"""Settings from the environment (LLM_*), with the names operators know from llama.cpp deployments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_", env_file=None, extra="ignore")
+
+    engine: str = Field("llamacpp", description="engine name: llamacpp | transformers | vllm")
+    model: str = Field("smollm2-135m-instruct", description="model path, or a name from configs/models.yaml")
+    served_model_name: str | None = Field(None, description="public model id (default: the registry name or file stem)")
+    models_dir: Path = Field(PROJECT_ROOT / "models", description="where model files are stored")
+    registry: Path = Field(PROJECT_ROOT / "configs" / "models.yaml", description="the model registry file")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    ctx: int = Field(4096, ge=16, description="context window of each request, in tokens")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU (-1: all)")
+    parallel: int = Field(4, ge=1, description="sequences decoded together (batching slots)")
+    batch_size: int = Field(512, ge=1, description="tokens per decode step (prompt chunking)")
+    max_queue: int = Field(256, ge=0, description="requests that may wait for a slot before 503")
+    embedding: bool = Field(True, description="serve /v1/embeddings from the chat model")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
