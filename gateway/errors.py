@@ -100,9 +100,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
-        param = _param_from_location(tuple(first.get("loc", ())))
+        json_broken = first.get("type") == "json_invalid"
+        param = None if json_broken else _param_from_location(tuple(first.get("loc", ())))
         message = _validation_message(first)
-        if param and first.get("type") != "json_invalid":
+        if param:
             message = f"Invalid value for '{param}': {message}"
         return invalid_param(param, message).response()
 

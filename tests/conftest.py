@@ -66,8 +66,7 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
         if process.poll() is not None:
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{server.log()}")
         try:
-            status = server.health()["status"]
-            if status == "ok" or (status == "loading" and not wait_ready):
+            if server.health()["status"] == "ok" or not wait_ready:
                 return server
         except (httpx.HTTPError, ValueError):
             pass

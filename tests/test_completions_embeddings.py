@@ -1,0 +1,97 @@
+"""Legacy completions, embeddings and the model list, through the real OpenAI SDK."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from tests.conftest import MODEL
+
+
+def test_models_list_and_retrieve(client):
+    models = client.models.list()
+    assert MODEL in [m.id for m in models.data]
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model" and model.owned_by
+
+
+def test_completion_string_prompt(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert reply.object == "text_completion"
+    [choice] = reply.choices
+    assert choice.text and choice.finish_reason in {"stop", "length"}
+    assert reply.usage.prompt_tokens >= 5
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_completion_prompt_list_with_n(client):
+    prompts = ["One, two, three,", "Once upon a time"]
+    reply = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, seed=11)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=5).usage.prompt_tokens for p in prompts]
+    assert reply.usage.prompt_tokens == sum(singles)
+
+
+def test_completion_streaming_matches(client):
+    kwargs = dict(model=MODEL, prompt="Hello, my name is", max_tokens=10, temperature=0)
+    expected = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == expected.choices[0].text
+    assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
+
+
+def test_completion_token_prompt_and_logprobs(client):
+    reply = client.completions.create(model=MODEL, prompt=[1, 504, 3458], max_tokens=4, logprobs=2, temperature=0)
+    assert reply.usage.prompt_tokens == 3
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == reply.usage.completion_tokens
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0
+
+
+def test_completion_stop(client):
+    reply = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 9"]
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert " 9" not in reply.choices[0].text
+
+
+def test_embeddings_float_and_base64_agree(client):
+    texts = ["a cat sat on the mat", "stock markets fell today"]
+    floats = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1]
+    vectors = np.array([d.embedding for d in floats.data])
+    assert vectors.shape == (2, 576)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens > 4
+    raw = client.embeddings.create(model=MODEL, input=texts, encoding_format="base64")
+    decoded = np.array([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data])
+    assert np.allclose(decoded, vectors, atol=1e-6)
+    default = client.embeddings.create(model=MODEL, input=texts[0])  # the SDK asks for base64 and decodes it
+    assert np.allclose(default.data[0].embedding, vectors[0], atol=1e-6)
+
+
+def test_embeddings_are_deterministic_and_meaningful(client):
+    first = client.embeddings.create(model=MODEL, input="hello world", dimensions=576).data[0].embedding
+    again = client.embeddings.create(model=MODEL, input=["hello world"]).data[0].embedding
+    other = client.embeddings.create(model=MODEL, input="quantum chromodynamics").data[0].embedding
+    assert np.allclose(first, again, atol=1e-6)
+    assert not np.allclose(first, other, atol=1e-3)
+
+
+def test_embeddings_token_input(client):
+    reply = client.embeddings.create(model=MODEL, input=[[1, 2, 3], [4, 5]], encoding_format="float")
+    assert len(reply.data) == 2 and reply.usage.prompt_tokens == 5
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/"])
+def test_discovery_documents(server, path):
+    import httpx
+
+    response = httpx.get(server.base_url + path)
+    assert response.status_code == 200
+    assert response.json()

@@ -1,0 +1,96 @@
+"""Many requests at once, and clients that leave: outputs never cross, the engine is freed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from openai import AsyncOpenAI
+
+from tests.conftest import MODEL
+
+# Distinct single tokens of the SmolLM2 vocabulary; a +100 bias makes a request emit only its own token.
+TOKENS = [330, 355, 1170, 2330, 3441, 4620, 6097, 8899]
+
+
+def wait_until_idle(server, within: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        engine = server.health()["models"][0]
+        if engine["running"] == 0 and engine["waiting"] == 0:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"engine still busy after {within}s: {server.health()}")
+
+
+def test_eight_concurrent_requests_do_not_cross(server):
+    async def one(client: AsyncOpenAI, token: int, stream: bool):
+        kwargs = dict(
+            model=MODEL, messages=[{"role": "user", "content": f"Request {token}"}], max_tokens=12,
+            logit_bias={str(token): 100}, logprobs=True, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        if not stream:
+            reply = await client.chat.completions.create(**kwargs)
+            return {e.token for e in reply.choices[0].logprobs.content}, reply.usage.completion_tokens
+        seen, count = set(), 0
+        async for chunk in await client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                for entry in (choice.logprobs.content if choice.logprobs else None) or []:
+                    seen.add(entry.token)
+                    count += 1
+        return seen, count
+
+    async def run():
+        async with AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, t, i % 2 == 0) for i, t in enumerate(TOKENS)))
+
+    results = asyncio.run(run())
+    alone = {}
+    for token, (seen, count) in zip(TOKENS, results):
+        assert count == 12
+        assert len(seen) == 1, seen
+        alone[token] = seen.pop()
+    assert len(set(alone.values())) == len(TOKENS)  # every request got its own token, none another's
+
+
+def test_disconnect_mid_stream_frees_the_engine(server):
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000,
+        "stream": True, "ignore_eos": True,
+    }  # fmt: skip
+    with httpx.stream("POST", server.v1 + "/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        assert server.health()["models"][0]["running"] == 1
+    wait_until_idle(server, within=2.0)  # 3000 tokens would take ~30 s if the work went on
+    reply = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_disconnect_while_waiting_for_a_full_answer_frees_the_engine(server):
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000,
+        "ignore_eos": True,
+    }  # fmt: skip
+    try:
+        httpx.post(server.v1 + "/chat/completions", json=body, timeout=1.0)
+        raise AssertionError("a 3000-token answer should not arrive within a second")
+    except httpx.ReadTimeout:
+        pass  # the client gives up and closes the connection
+    wait_until_idle(server, within=2.0)
+
+
+def test_curl_streams_server_sent_events(server):
+    import subprocess
+
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true}' % MODEL
+    output = subprocess.run(
+        ["curl", "-sN", server.v1 + "/chat/completions", "-H", "Content-Type: application/json", "-d", body],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    events = [line for line in output.splitlines() if line]
+    assert events[0].startswith('data: {"id":"chatcmpl-')
+    assert events[-1] == "data: [DONE]"

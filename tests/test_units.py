@@ -1,0 +1,121 @@
+"""Unit tests for the pure pieces: stop matching, error params, the registry, the CLI and settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engines.base import SamplingParams
+from engines.text import StopMatcher
+from gateway.cli import parse_args
+from gateway.errors import APIError, _param_from_location
+from gateway.generation import choice_params
+from gateway.model_registry import ModelNotAvailable, ModelRegistry
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.settings import PROJECT_ROOT, Settings
+
+
+def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[list[str], bool]:
+    out = []
+    for piece in pieces:
+        text, stopped = matcher.feed(piece)
+        out.append(text)
+        if stopped:
+            return out, True
+    out.append(matcher.flush())
+    return out, False
+
+
+def test_stop_matcher_holds_back_a_possible_stop_prefix():
+    emitted, stopped = feed_all(StopMatcher(["###"]), ["Hello #", "#", " world"])
+    assert emitted == ["Hello ", "", "## world", ""]
+    assert not stopped
+
+
+def test_stop_matcher_cuts_across_pieces():
+    emitted, stopped = feed_all(StopMatcher(["END", "STOP"]), ["abc E", "N", "D tail"])
+    assert "".join(emitted) == "abc "
+    assert stopped
+
+
+def test_stop_matcher_picks_the_earliest_stop():
+    text, stopped = StopMatcher(["b", "a"]).feed("xxabxx")
+    assert (text, stopped) == ("xx", True)
+
+
+def test_stop_matcher_without_stops_passes_everything():
+    assert StopMatcher([]).feed("anything ###") == ("anything ###", False)
+
+
+@pytest.mark.parametrize(
+    ("location", "param"),
+    [
+        (("body", "temperature"), "temperature"),
+        (("body", "messages", 0, "role"), "messages[0].role"),
+        (("body", "response_format", "type"), "response_format.type"),
+        (("body", "stop", "str"), "stop"),
+        (("body",), None),
+    ],
+)
+def test_param_names_follow_openai(location, param):
+    assert _param_from_location(location) == param
+
+
+def test_choice_seeds_differ_but_repeat():
+    params = choice_params(SamplingParams(max_tokens=5, seed=10), 3)
+    assert [p.seed for p in params] == [10, 11, 12]
+    assert [p.seed for p in choice_params(SamplingParams(max_tokens=5), 2)] == [None, None]
+
+
+def test_chat_request_maps_to_sampling_params():
+    request = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "x"}], stop="##", logit_bias={"5": -100},
+        max_completion_tokens=9, max_tokens=3, top_k=-1,
+    )  # fmt: skip
+    assert request.requested_max_tokens() == 9
+    params = request.sampling_params(9, None, None)
+    assert params.stop == ["##"] and params.logit_bias == {5: -100} and params.top_k == 0
+    assert params.temperature == 1.0 and params.top_p == 1.0
+
+
+def test_unsupported_fields_name_their_param():
+    with pytest.raises(APIError) as raised:
+        CompletionRequest(model="m", prompt="x", suffix="y")
+    assert raised.value.param == "suffix" and raised.value.status_code == 400
+
+
+def test_completion_prompt_forms():
+    assert CompletionRequest(model="m", prompt="a").prompts() == ["a"]
+    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
+    assert CompletionRequest(model="m", prompt=[[1], [2]]).prompts() == [[1], [2]]
+
+
+def test_registry_resolves_names_and_paths(tmp_path):
+    registry = ModelRegistry.load(PROJECT_ROOT / "configs" / "models.yaml")
+    assert registry.default == "smollm2-135m-instruct"
+    assert registry.entries["qwen2.5-7b-instruct"].memory_gb == {"fp16": 15.0, "int8": 8.5, "int4": 5.0}
+    assert registry.entries["qwen2.5-7b-instruct-gguf"].memory_gb["q4_k_m"] == 4.1
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"x")
+    resolved = registry.resolve("smollm2-135m-instruct", tmp_path)
+    assert resolved.served_name == "smollm2-135m-instruct"
+    own = tmp_path / "my-model.gguf"
+    own.write_bytes(b"x")
+    assert registry.resolve(str(own), Path("/nowhere")).served_name == "my-model"
+    with pytest.raises(ModelNotAvailable, match="make models"):
+        registry.resolve("smollm2-135m-instruct", tmp_path / "empty")
+    with pytest.raises(ModelNotAvailable, match="Qwen/Qwen2.5-3B-Instruct"):
+        registry.resolve("qwen2.5-3b-instruct", tmp_path)
+    with pytest.raises(ModelNotAvailable, match="neither"):
+        registry.resolve("no-such-model", tmp_path)
+
+
+def test_cli_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("LLM_PORT", "9000")
+    monkeypatch.setenv("LLM_CTX", "1024")
+    command, overrides = parse_args(["serve", "--port", "8123", "--model", "/m.gguf", "--gpu-layers", "-1"])
+    settings = Settings(**overrides)
+    assert command == "serve"
+    assert (settings.port, settings.model, settings.ctx, settings.gpu_layers) == (8123, "/m.gguf", 1024, -1)
+    assert parse_args([])[0] == "serve"
