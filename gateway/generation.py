@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse
 
 from engines.base import Delta, Engine, Prompt, SamplingParams, TokenLogprob
 from gateway.errors import APIError, as_api_error
+from gateway.protocol import Usage
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody is left to read it
@@ -133,6 +134,35 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | Respon
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class Reply:
+    """How one endpoint renders results; `respond` drives it for streaming and non-streaming alike."""
+
+    def __init__(self, id: str, created: int, model: str, prompt_tokens: int, choices: int):
+        self.id, self.created, self.model = id, created, model
+        self.prompt_tokens, self.choices = prompt_tokens, choices
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage.count(self.prompt_tokens, completion_tokens)
+
+    def response(self, results: list[ChoiceResult]):
+        raise NotImplementedError
+
+    def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+
+async def respond(request: Request, reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream: bool,
+                  include_usage: bool):  # fmt: skip
+    """One JSON body, or SSE once the first token is there; a client that leaves cancels the work."""
+    if stream:
+        primed_stream = await until_disconnected(request, primed(merged))
+        if isinstance(primed_stream, Response):
+            return primed_stream  # the client left while we waited for the first token
+        return sse_response(reply.chunks(primed_stream, include_usage))
+    results = await until_disconnected(request, collect(merged, reply.choices))
+    return results if isinstance(results, Response) else reply.response(results)
 
 
 def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:

@@ -372,5 +372,7 @@ class ModelList(BaseModel):
 def _reject_extra_fields(request: BaseModel, unsupported: tuple[str, ...]) -> None:
     for name in request.model_extra or {}:
         if name in unsupported:
-            raise invalid_param(name, f"The parameter '{name}' is not supported by this server.", "unsupported_parameter")
+            raise invalid_param(
+                name, f"The parameter '{name}' is not supported by this server.", "unsupported_parameter"
+            )
         raise invalid_param(name, f"Unrecognized request argument supplied: {name}")

@@ -53,9 +53,7 @@ def test_completion_token_prompt_and_logprobs(client):
 
 
 def test_completion_stop(client):
-    reply = client.completions.create(
-        model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 9"]
-    )
+    reply = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 9"])
     assert reply.choices[0].finish_reason == "stop"
     assert " 9" not in reply.choices[0].text
 

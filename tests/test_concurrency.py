@@ -66,7 +66,9 @@ def test_disconnect_mid_stream_frees_the_engine(server):
         assert any(line.startswith("data: ") for line in received)
         assert server.health()["models"][0]["running"] == 1
     wait_until_idle(server, within=2.0)  # 3000 tokens would take ~30 s if the work went on
-    reply = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
     assert reply.usage.completion_tokens >= 1
 
 

@@ -14,11 +14,11 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from engines.base import (
     ContextLengthExceeded,
     Delta,
+    Embeddings,
     EngineConfig,
     EngineError,
     EngineInfo,
     EngineNotReady,
-    Embeddings,
     Prompt,
     SamplingParams,
     UnsupportedFeature,

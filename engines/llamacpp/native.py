@@ -89,8 +89,7 @@ def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
     if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
         add(
             llama_cpp.llama_sampler_init_penalties(
-                vocab.size,
-                PENALTY_WINDOW, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+                vocab.size, PENALTY_WINDOW, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
             )
         )
     if grammar is not None:

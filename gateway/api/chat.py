@@ -7,16 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
-from gateway.generation import (
-    ChoiceResult,
-    collect,
-    fit_max_tokens,
-    merge,
-    primed,
-    sse_response,
-    start_generations,
-    until_disconnected,
-)
+from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, respond, start_generations
 from gateway.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -46,25 +37,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     schema = body.response_format.schema_for_engine() if body.response_format else None
     params = body.sampling_params(max_tokens, logprobs, schema)
     merged = merge(start_generations(engine, prompt, params, body.n))
-    reply = _Reply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids))
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = await until_disconnected(request, primed(merged))
-        if not isinstance(stream, AsyncIterator):
-            return stream  # the client left while we waited for the first token
-        return sse_response(reply.chunks(stream, body.n, include_usage))
-    results = await until_disconnected(request, collect(merged, body.n))
-    return results if not isinstance(results, list) else reply.response(results)
+    reply = _ChatReply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids), body.n)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(request, reply, merged, body.stream, include_usage)
 
 
 def _template_role(role: str) -> str:
     return "system" if role == "developer" else role  # chat templates predate the developer role
 
 
-class _Reply:
-    def __init__(self, id: str, created: int, model: str, prompt_tokens: int):
-        self.id, self.created, self.model, self.prompt_tokens = id, created, model, prompt_tokens
-
+class _ChatReply(Reply):
     def response(self, results: list[ChoiceResult]) -> ChatCompletionResponse:
         choices = [
             ChatChoice(
@@ -77,29 +59,28 @@ class _Reply:
         ]
         completion = sum(r.tokens for r in results)
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=self._usage(completion)
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(completion)
         )
 
-    async def chunks(self, stream: AsyncIterator[tuple[int, Delta]], n: int, include_usage: bool) -> AsyncIterator[str]:
-        for index in range(n):
+    async def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
+        for index in range(self.choices):
             yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
         completion = 0
         async for index, delta in stream:
             completion += delta.tokens
             if delta.text or delta.logprobs:
                 logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
-                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=delta.text), logprobs=logprobs)])
+                yield self._chunk(
+                    [ChatChunkChoice(index=index, delta=ChatDelta(content=delta.text), logprobs=logprobs)]
+                )
             if delta.finish_reason:
                 yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=delta.finish_reason)])
         if include_usage:
-            yield self._chunk([], usage=self._usage(completion))
+            yield self._chunk([], usage=self.usage(completion))
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
         return chunk.model_dump_json()
-
-    def _usage(self, completion_tokens: int) -> Usage:
-        return Usage.count(self.prompt_tokens, completion_tokens)
 
 
 def _logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:

@@ -8,16 +8,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
-from gateway.generation import (
-    ChoiceResult,
-    collect,
-    fit_max_tokens,
-    merge,
-    primed,
-    sse_response,
-    start_generations,
-    until_disconnected,
-)
+from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, respond, start_generations
 from gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -44,29 +35,23 @@ async def create_completion(body: CompletionRequest, request: Request):
     )
     merged = merge(streams)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    reply = _Reply(new_id("cmpl"), now(), body.model, prompt_tokens)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = await until_disconnected(request, primed(merged))
-        if not isinstance(stream, AsyncIterator):
-            return stream
-        return sse_response(reply.chunks(stream, include_usage))
-    results = await until_disconnected(request, collect(merged, len(streams)))
-    return results if not isinstance(results, list) else reply.response(results)
+    reply = _CompletionReply(new_id("cmpl"), now(), body.model, prompt_tokens, len(streams))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(request, reply, merged, body.stream, include_usage)
 
 
-class _Reply:
-    def __init__(self, id: str, created: int, model: str, prompt_tokens: int):
-        self.id, self.created, self.model, self.prompt_tokens = id, created, model, prompt_tokens
-
+class _CompletionReply(Reply):
     def response(self, results: list[ChoiceResult]) -> CompletionResponse:
         choices = [
             CompletionChoice(
-                index=i, text=r.text, logprobs=_logprobs(r.logprobs) if r.logprobs else None, finish_reason=r.finish_reason
+                index=i,
+                text=r.text,
+                logprobs=_logprobs(r.logprobs) if r.logprobs else None,
+                finish_reason=r.finish_reason,
             )
             for i, r in enumerate(results)
         ]
-        usage = Usage.count(self.prompt_tokens, sum(r.tokens for r in results))
+        usage = self.usage(sum(r.tokens for r in results))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     async def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
@@ -80,7 +65,7 @@ class _Reply:
                 )
                 yield self._chunk([choice])
         if include_usage:
-            yield self._chunk([], usage=Usage.count(self.prompt_tokens, completion))
+            yield self._chunk([], usage=self.usage(completion))
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         chunk = CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)

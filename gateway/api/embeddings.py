@@ -22,7 +22,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
         raise invalid_param("dimensions", f"This model only produces {native}-dimensional embeddings.")
     result = await engine.embed(body.inputs())
     data = [
-        EmbeddingData(index=i, embedding=_encode(vector, body.encoding_format)) for i, vector in enumerate(result.vectors)
+        EmbeddingData(index=i, embedding=_encode(vector, body.encoding_format))
+        for i, vector in enumerate(result.vectors)
     ]
     usage = EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
     return EmbeddingResponse(data=data, model=body.model, usage=usage)
