@@ -11,7 +11,9 @@ from fastapi import FastAPI
 
 from engines import create_engine
 from engines.base import EngineConfig
+from gateway import metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
+from gateway.api import metrics as metrics_api
 from gateway.errors import install_error_handlers
 from gateway.model_registry import ModelRegistry
 from gateway.observability import RequestIdMiddleware
@@ -27,7 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.router = ModelRouter()
     app.state.started = int(time.time())
-    for module in (chat, completions, embeddings, models, health):
+    metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()], lambda: {}))
+    for module in (chat, completions, embeddings, models, health, metrics_api):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
@@ -57,6 +60,8 @@ async def _lifespan(app: FastAPI):
     name, config = engine_config(settings)
     engine = create_engine(settings.engine, config)
     app.state.router.add(name, engine)
+    app.state.default_model = name
+    tracing.configure()
     # Load in the background: the server answers /health (and 503 for the model) while it loads.
     loading = asyncio.create_task(_load(engine, name))
     try:
@@ -66,6 +71,7 @@ async def _lifespan(app: FastAPI):
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         await engine.close()
+        tracing.shutdown()
 
 
 async def _load(engine, name: str) -> None:

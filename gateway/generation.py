@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, TypeVar
 
@@ -13,7 +14,9 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from engines.base import Delta, Engine, Prompt, SamplingParams, TokenLogprob
+from gateway import metrics
 from gateway.errors import APIError, as_api_error
+from gateway.observability import RequestRecord, current_request
 from gateway.protocol import Usage
 
 T = TypeVar("T")
@@ -156,6 +159,9 @@ class Reply:
 async def respond(request: Request, reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream: bool,
                   include_usage: bool):  # fmt: skip
     """One JSON body, or SSE once the first token is there; a client that leaves cancels the work."""
+    record = current_request()
+    record.model, record.prompt_tokens = reply.model, reply.prompt_tokens
+    merged = metered(merged, record)
     if stream:
         primed_stream = await until_disconnected(request, primed(merged))
         if isinstance(primed_stream, Response):
@@ -163,6 +169,25 @@ async def respond(request: Request, reply: Reply, merged: AsyncIterator[tuple[in
         return sse_response(reply.chunks(primed_stream, include_usage))
     results = await until_disconnected(request, collect(merged, reply.choices))
     return results if isinstance(results, Response) else reply.response(results)
+
+
+async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecord) -> AsyncIterator[tuple[int, Delta]]:
+    """Pass deltas through, counting completion tokens and timing the first token and the gaps after it."""
+    last_at: dict[int, float] = {}
+    async with contextlib.aclosing(merged):
+        async for index, delta in merged:
+            if delta.tokens:
+                arrived = time.perf_counter()
+                record.completion_tokens += delta.tokens
+                if record.first_token_at is None:
+                    record.first_token_at = arrived
+                    metrics.observe_first_token(record)
+                elif index in last_at:
+                    # A delta can carry several tokens (held back for a stop sequence or UTF-8): share the gap.
+                    for _ in range(delta.tokens):
+                        metrics.observe_token_gap(record, (arrived - last_at[index]) / delta.tokens)
+                last_at[index] = arrived
+            yield index, delta
 
 
 def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:

@@ -1,26 +1,90 @@
-"""Request ids and the per-request log line."""
+"""Request ids, the per-request record, JSON logs (one line per request) and metrics at the end of it.
+
+The access middleware opens a `RequestRecord` for each request; handlers fill it in (`current_request()`:
+model, target, tokens) and when the response is done the middleware writes one JSON log line and
+updates the metrics from it. Prompt text and API keys are never put on the record, so never logged.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from gateway import metrics, tracing
+
 access_log = logging.getLogger("gateway.access")
 
 
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        return True
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    route: str = "unmatched"  # the route template, so ids in paths do not multiply label values
+    model: str | None = None
+    target: str = "local"  # routing sets the target that finally answered
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def log_fields(self) -> dict:
+        ttft = self.ttft()
+        return {
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "status": self.status,
+            "model": self.model,
+            "target": self.target,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency_ms": round(self.elapsed() * 1000, 1),
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
+        }
+
+
+_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("request_record", default=None)
+
+
+def current_request() -> RequestRecord:
+    """The record of the request being served; outside a request, a throwaway one."""
+    return _current.get() or RequestRecord(request_id="-", method="-", path="-")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; fields passed as `extra={"fields": {...}}` are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        current = _current.get()
+        line = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": current.request_id if current else None,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
 
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -29,7 +93,7 @@ def configure_logging(level: str) -> None:
 
 
 class RequestIdMiddleware:
-    """Echo the client's x-request-id (or make one), put it on every log line, and log each request.
+    """Echo the client's x-request-id (or make one), keep the request's record, and log and count it.
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware would buffer streams and hide disconnects.
     """
@@ -41,21 +105,24 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming[:128] or uuid.uuid4().hex
-        token = request_id.set(rid)
-        started = time.perf_counter()
-        status = 0
+        record = RequestRecord(request_id=incoming[:128] or uuid.uuid4().hex, method=scope["method"],
+                               path=scope["path"])  # fmt: skip
+        token = _current.set(record)
 
         async def send_with_id(message):
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+                record.status = message["status"]
+                record.route = getattr(scope.get("route"), "path", record.route)
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", record.request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with tracing.span(record):
+                await self.app(scope, receive, send_with_id)
+        except BaseException:
+            record.status = record.status or 500  # Starlette's outer error middleware answers it
+            raise
         finally:
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            access_log.info("%s %s %s %.1fms", scope["method"], scope["path"], status, elapsed_ms)
-            request_id.reset(token)
+            access_log.info("request", extra={"fields": record.log_fields()})
+            metrics.observe_request(record)
+            _current.reset(token)

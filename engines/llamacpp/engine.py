@@ -23,7 +23,7 @@ from engines.base import (
     SamplingParams,
     UnsupportedFeature,
 )
-from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata
+from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, route_native_logs
 from engines.llamacpp.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class LlamaCppEngine:
         config = self.config
         if not os.path.isfile(config.model_path):
             raise FileNotFoundError(f"model file not found: {config.model_path}")
+        route_native_logs()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = config.gpu_layers

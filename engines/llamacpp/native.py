@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 
 import llama_cpp
 import numpy as np
@@ -16,6 +17,21 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 from engines.base import SamplingParams
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
+_native_log = logging.getLogger("llama-cpp-python")
+# ggml_log_level → logging level; 5 (GGML_LOG_LEVEL_CONT) continues the previous line, so shows at debug.
+_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+
+
+@llama_cpp.llama_log_callback
+def _log_to_python(level: int, text: bytes, _user_data) -> None:
+    # llama.cpp would print to stderr itself; through logging its lines become JSON like ours.
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        _native_log.log(_LOG_LEVELS.get(level, logging.DEBUG), message)
+
+
+def route_native_logs() -> None:
+    llama_cpp.llama_log_set(_log_to_python, ctypes.c_void_p(0))
 
 
 class Vocab:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from engines.base import Engine
 from gateway.errors import invalid_param
+from gateway.observability import current_request
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 
 router = APIRouter()
@@ -21,6 +22,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     if body.dimensions is not None and body.dimensions != native:
         raise invalid_param("dimensions", f"This model only produces {native}-dimensional embeddings.")
     result = await engine.embed(body.inputs())
+    record = current_request()
+    record.model, record.prompt_tokens = body.model, result.prompt_tokens
     data = [
         EmbeddingData(index=i, embedding=_encode(vector, body.encoding_format))
         for i, vector in enumerate(result.vectors)

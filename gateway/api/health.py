@@ -1,13 +1,14 @@
-"""GET /health (liveness plus what is loaded) and GET / (where to look next)."""
+"""GET /health (liveness: the process answers, with what is loaded), GET /ready (readiness: the default
+model can serve now), and GET / (where to look next)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import resource
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
+from gateway.devices import rss_bytes
 
 router = APIRouter()
 
@@ -23,10 +24,20 @@ async def health(request: Request) -> JSONResponse:
         "engine": first.get("engine"),
         "model": first.get("model"),
         "device": first.get("device"),
-        "memory": {"rss_bytes": _rss_bytes(), "model_bytes": sum(e["memory_bytes"] for e in engines)},
+        "memory": {"rss_bytes": rss_bytes(), "model_bytes": sum(e["memory_bytes"] for e in engines)},
         "models": engines,
     }
     return JSONResponse(body, status_code=200 if status != "error" else 503)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the default model is loaded; 503 with Retry-After before, so a balancer waits for it."""
+    name = request.app.state.default_model
+    state = request.app.state.router.resolve(name).info().state
+    if state == "ready":
+        return JSONResponse({"status": "ready", "model": name})
+    return JSONResponse({"status": state, "model": name}, status_code=503, headers={"Retry-After": "1"})
 
 
 @router.get("/")
@@ -34,15 +45,8 @@ async def root() -> dict:
     return {
         "name": "local-llm-gateway",
         "openai_base_url": "/v1",
-        "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health"],
+        "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+                      "/ready", "/metrics"],
         "docs": "/docs",
         "openapi": "/openapi.json",
-    }
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the peak is the best we have
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    }  # fmt: skip

@@ -1,0 +1,178 @@
+"""Metrics after known traffic are exact, each request logs one JSON line without prompt or key, traces
+reach an OTLP collector (a real HTTP server started here), and /ready tells loading from ready."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import metrics
+from tests.conftest import MODEL, start_server
+
+SECRET_KEY = "sk-test-never-log-this-key"
+PROMPT_MARKER = "zebra-marker-prompt-text"
+# One plain token forced by a +100 bias: every delta then carries exactly one token, so counts are exact.
+ONE_TOKEN = {"logit_bias": {"330": 100}, "extra_body": {"ignore_eos": True}}
+MAX_TOKENS = 6
+
+
+class Collector(http.server.ThreadingHTTPServer):
+    """A stand-in OTLP/HTTP collector: remembers the path and size of every export it receives."""
+
+    def __init__(self):
+        self.exports: list[tuple[str, int]] = []
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                collector.exports.append((self.path, len(body)))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    """A fresh gateway (so counters start at zero) with traces going to a local collector."""
+    collector = Collector()
+    thread = threading.Thread(target=collector.serve_forever, daemon=True)
+    thread.start()
+    env = {
+        "LLM_LOG_LEVEL": "info",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    server = start_server(tmp_path_factory.mktemp("observed"), env)
+    traffic = _send_known_traffic(server)
+    try:
+        yield server, traffic, collector
+    finally:
+        server.stop()
+        collector.shutdown()
+
+
+def _send_known_traffic(server) -> dict:
+    client = server.client(api_key=SECRET_KEY)
+    messages = [{"role": "user", "content": PROMPT_MARKER}]
+    usages = []
+    for _ in range(2):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=MAX_TOKENS, extra_headers={"x-request-id": "known-1"},
+            **ONE_TOKEN,
+        )  # fmt: skip
+        usages.append(reply.usage)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stream=True,
+        stream_options={"include_usage": True}, **ONE_TOKEN,
+    )  # fmt: skip
+    usages.append([chunk for chunk in stream if chunk.usage][0].usage)
+    missing = httpx.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": messages})
+    assert missing.status_code == 404
+    return {"usages": usages}
+
+
+def _samples(server) -> dict[tuple[str, frozenset], float]:
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(samples, name: str, **labels) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_metrics_after_known_traffic_are_exact(observed):
+    server, traffic, _ = observed
+    samples = _samples(server)
+    chat = {"route": "/v1/chat/completions", "target": "local"}
+    local = {"model": MODEL, "target": "local"}
+    assert _value(samples, "llm_requests_total", model=MODEL, status="200", **chat) == 3
+    assert _value(samples, "llm_requests_total", model="", status="404", **chat) == 1
+    assert _value(samples, "llm_request_duration_seconds_count", model=MODEL, **chat) == 3
+    prompt = sum(u.prompt_tokens for u in traffic["usages"])
+    assert _value(samples, "llm_prompt_tokens_total", **local) == prompt
+    assert _value(samples, "llm_completion_tokens_total", **local) == 3 * MAX_TOKENS
+    assert _value(samples, "llm_time_to_first_token_seconds_count", **local) == 3
+    assert _value(samples, "llm_inter_token_latency_seconds_count", **local) == 3 * (MAX_TOKENS - 1)
+    engine = {"model": MODEL, "engine": "llamacpp"}
+    assert _value(samples, "llm_model_loaded", **engine) == 1
+    assert _value(samples, "llm_model_memory_bytes", **engine) > 50_000_000  # the 98 MB file, mapped
+    assert _value(samples, "llm_engine_running", **engine) == 0
+    assert _value(samples, "llm_engine_waiting", **engine) == 0
+
+
+def test_routing_counters_for_other_modules():
+    """The module API routing code calls: each call shows in the exposition under its labels."""
+    metrics.record_fallback("m", "local", "remote")
+    metrics.record_retry("remote")
+    metrics.record_retry("remote")
+    metrics.record_cooldown("remote")
+    text = metrics.exposition()[0].decode()
+    assert 'llm_fallbacks_total{from_target="local",model="m",to_target="remote"} 1.0' in text
+    assert 'llm_retries_total{target="remote"} 2.0' in text
+    assert 'llm_cooldowns_total{target="remote"} 1.0' in text
+
+
+def test_metrics_json_summary(observed):
+    server, _, _ = observed
+    summary = httpx.get(server.base_url + "/metrics", params={"format": "json"}).json()
+    assert summary["model"] == MODEL
+    assert summary["device"] == "cpu" and summary["gpu_name"] is None  # CI has no GPU
+    assert summary["memory"]["allocated_bytes"] == summary["models"][0]["memory_bytes"] > 0
+    assert summary["memory"]["reserved_bytes"] >= summary["memory"]["allocated_bytes"] * 0.5
+    assert summary["models"][0]["state"] == "ready"
+
+
+def test_one_json_log_line_per_request_without_prompt_or_key(observed):
+    server, traffic, _ = observed
+    log = server.log()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    known = [line for line in lines if line.get("request_id") == "known-1" and line["logger"] == "gateway.access"]
+    assert len(known) == 2
+    line = known[0]
+    assert line["level"] == "info" and line["status"] == 200 and line["model"] == MODEL
+    assert line["target"] == "local" and line["route"] == "/v1/chat/completions"
+    assert line["prompt_tokens"] == traffic["usages"][0].prompt_tokens
+    assert line["completion_tokens"] == MAX_TOKENS
+    assert line["latency_ms"] >= line["ttft_ms"] > 0
+    assert PROMPT_MARKER not in log and SECRET_KEY not in log
+    # llama.cpp's own output goes through logging too, so at info level every line is JSON
+    assert all(line.startswith("{") for line in log.splitlines() if line.strip())
+
+
+def test_traces_reach_the_otlp_collector(observed):
+    server, _, collector = observed
+    server.stop()  # shutting down flushes the span exporter
+    assert any(path == "/v1/traces" and size > 0 for path, size in collector.exports), collector.exports
+
+
+def test_ready_differs_from_health_while_loading(tmp_path):
+    server = start_server(tmp_path, {"LLM_CTX": "8192"}, wait_ready=False)
+    try:
+        seen = set()
+        for _ in range(600):
+            ready = httpx.get(server.base_url + "/ready")
+            health = httpx.get(server.base_url + "/health")
+            seen.add((ready.status_code, health.json()["status"]))
+            if ready.status_code == 503:
+                assert ready.headers["Retry-After"] and health.status_code == 200
+            if ready.status_code == 200:
+                break
+        assert ready.json() == {"status": "ready", "model": MODEL}
+        assert (503, "loading") in seen and (200, "ok") in seen
+    finally:
+        server.stop()
