@@ -156,19 +156,14 @@ class Reply:
         raise NotImplementedError
 
 
-async def respond(request: Request, reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream: bool,
-                  include_usage: bool):  # fmt: skip
-    """One JSON body, or SSE once the first token is there; a client that leaves cancels the work."""
+async def produce(reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream: bool, include_usage: bool):
+    """SSE chunks once the first token is there (a failure before it can still fall back), or one body."""
     record = current_request()
-    record.model, record.prompt_tokens = reply.model, reply.prompt_tokens
+    record.prompt_tokens = reply.prompt_tokens
     merged = metered(merged, record)
     if stream:
-        primed_stream = await until_disconnected(request, primed(merged))
-        if isinstance(primed_stream, Response):
-            return primed_stream  # the client left while we waited for the first token
-        return sse_response(reply.chunks(primed_stream, include_usage))
-    results = await until_disconnected(request, collect(merged, reply.choices))
-    return results if isinstance(results, Response) else reply.response(results)
+        return reply.chunks(await primed(merged), include_usage)
+    return reply.response(await collect(merged, reply.choices))
 
 
 async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecord) -> AsyncIterator[tuple[int, Delta]]:

@@ -64,6 +64,10 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
+# Seconds the whole request may take (as self-hosted servers accept it); the gateway caps it.
+RequestTimeout = Annotated[float | None, Field(gt=0)]
+
+
 class SamplingFields(Request):
     """The sampling fields chat and legacy completions share (plus vLLM/llama-server extensions)."""
 
@@ -78,6 +82,7 @@ class SamplingFields(Request):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
+    timeout: RequestTimeout = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions that vLLM and llama-server accept as well.
@@ -319,6 +324,7 @@ class EmbeddingRequest(Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    timeout: RequestTimeout = None
 
     @model_validator(mode="after")
     def _non_empty(self):

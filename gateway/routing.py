@@ -1,26 +1,39 @@
-"""Which engine serves a request: the public model names clients send in `model`, mapped to engines."""
+"""Which targets serve a request: the public model names clients send in `model` (names, aliases,
+tiers), each mapped to an ordered chain of targets (local engines and remote providers)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from engines.base import Engine
 from gateway.errors import model_not_found
+from gateway.targets import LocalTarget, RemoteTarget
+
+Target = LocalTarget | RemoteTarget
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    targets: list[Target]
 
 
 class ModelRouter:
-    def __init__(self) -> None:
-        self._engines: dict[str, Engine] = {}
+    def __init__(self, targets: dict[str, Target] | None = None, chains: dict[str, list[str]] | None = None):
+        self._targets = targets or {}
+        self._routes = {name: Route(name, [self._targets[t] for t in chain]) for name, chain in (chains or {}).items()}
 
-    def add(self, name: str, engine: Engine) -> None:
-        self._engines[name] = engine
-
-    def resolve(self, model: str) -> Engine:
+    def resolve(self, model: str) -> Route:
         try:
-            return self._engines[model]
+            return self._routes[model]
         except KeyError:
             raise model_not_found(model) from None
 
     def names(self) -> list[str]:
-        return list(self._engines)
+        return list(self._routes)
+
+    def targets(self) -> list[Target]:
+        return list(self._targets.values())
 
     def engines(self) -> list[Engine]:
-        return list(self._engines.values())
+        return [t.engine for t in self._targets.values() if isinstance(t, LocalTarget)]

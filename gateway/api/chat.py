@@ -7,7 +7,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
-from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, respond, start_generations
+from gateway.fallback import dispatch
+from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
 from gateway.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -23,13 +24,18 @@ from gateway.protocol import (
     new_id,
     now,
 )
+from gateway.targets import local_handler
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    engine: Engine = request.app.state.router.resolve(body.model)
+    return await dispatch(request, "chat/completions", body)
+
+
+@local_handler("chat/completions")
+async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
     prompt = await engine.render_chat(messages)
     max_tokens = fit_max_tokens(engine, len(prompt.token_ids), body.requested_max_tokens())
@@ -39,7 +45,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     merged = merge(start_generations(engine, prompt, params, body.n))
     reply = _ChatReply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids), body.n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, reply, merged, body.stream, include_usage)
+    return await produce(reply, merged, body.stream, include_usage)
 
 
 def _template_role(role: str) -> str:

@@ -8,7 +8,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
-from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, respond, start_generations
+from gateway.fallback import dispatch
+from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
 from gateway.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -18,13 +19,18 @@ from gateway.protocol import (
     new_id,
     now,
 )
+from gateway.targets import local_handler
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, request: Request):
-    engine: Engine = request.app.state.router.resolve(body.model)
+    return await dispatch(request, "completions", body)
+
+
+@local_handler("completions")
+async def serve_locally(engine: Engine, body: CompletionRequest):
     prompts = [await engine.encode_prompt(p) for p in body.prompts()]
     budgets = [fit_max_tokens(engine, len(p.token_ids), body.max_tokens, param="prompt") for p in prompts]
     streams = list(
@@ -37,7 +43,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     reply = _CompletionReply(new_id("cmpl"), now(), body.model, prompt_tokens, len(streams))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, reply, merged, body.stream, include_usage)
+    return await produce(reply, merged, body.stream, include_usage)
 
 
 class _CompletionReply(Reply):

@@ -10,14 +10,20 @@ from fastapi import APIRouter, Request
 from engines.base import Engine
 from gateway.errors import invalid_param
 from gateway.observability import current_request
+from gateway.fallback import dispatch
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from gateway.targets import local_handler
 
 router = APIRouter()
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
-    engine: Engine = request.app.state.router.resolve(body.model)
+async def create_embeddings(body: EmbeddingRequest, request: Request):
+    return await dispatch(request, "embeddings", body)
+
+
+@local_handler("embeddings")
+async def serve_locally(engine: Engine, body: EmbeddingRequest) -> EmbeddingResponse:
     native = engine.info().embedding_dimensions
     if body.dimensions is not None and body.dimensions != native:
         raise invalid_param("dimensions", f"This model only produces {native}-dimensional embeddings.")

@@ -15,9 +15,10 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    engines = [dataclasses.asdict(engine.info()) for engine in request.app.state.router.engines()]
+    router = request.app.state.router
+    engines = [dataclasses.asdict(engine.info()) for engine in router.engines()]
     states = {e["state"] for e in engines}
-    status = "ok" if states == {"ready"} else "error" if "failed" in states else "loading"
+    status = "ok" if states <= {"ready"} else "error" if "failed" in states else "loading"
     first = engines[0] if engines else {}
     body = {
         "status": status,
@@ -26,6 +27,8 @@ async def health(request: Request) -> JSONResponse:
         "device": first.get("device"),
         "memory": {"rss_bytes": rss_bytes(), "model_bytes": sum(e["memory_bytes"] for e in engines)},
         "models": engines,
+        "targets": {target.name: target.health() for target in router.targets()},
+        "routing": request.app.state.stats.snapshot(),
     }
     return JSONResponse(body, status_code=200 if status != "error" else 503)
 

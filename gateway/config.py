@@ -1,0 +1,155 @@
+"""The routing config: targets (local engines, remote OpenAI-compatible providers), the public model
+names mapped to ordered fallback chains, retry and cooldown policy, and client API keys.
+
+It comes from the YAML file named by LLM_CONFIG, or, for the simple case, from LLM_* variables alone
+(one local model, optionally one remote fallback). Secrets are never in the file: it names env vars.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.settings import Settings
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalTarget(Strict):
+    """A model served by an in-process engine; unset fields take the LLM_* settings."""
+
+    type: Literal["local"]
+    engine: str | None = None
+    model: str | None = None  # a registry name or a file path
+    context_length: int | None = Field(None, ge=16)
+    threads: int | None = Field(None, ge=1)
+    gpu_layers: int | None = Field(None, ge=-1)
+    parallel: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    max_waiting: int | None = Field(None, ge=0)
+    embedding: bool | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RemoteTarget(Strict):
+    """An OpenAI-compatible HTTP endpoint: OpenAI, Together, Cerebras, vLLM, llama-server, a gateway."""
+
+    type: Literal["openai"]
+    base_url: str
+    model: str  # the name the provider expects
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    connect_timeout: float = Field(5, gt=0)
+    read_timeout: float = Field(60, gt=0, description="longest wait for the first byte and between chunks")
+
+    def api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"environment variable {self.api_key_env} (api_key_env of {self.base_url}) is not set")
+        return key
+
+
+TargetConfig = Annotated[LocalTarget | RemoteTarget, Field(discriminator="type")]
+
+
+class PublicModel(Strict):
+    targets: list[str] = Field(..., min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+
+
+class RetryPolicy(Strict):
+    attempts: int = Field(2, ge=1, description="tries per target for transient failures")
+    backoff_initial: float = Field(0.25, ge=0, description="first backoff in seconds, doubling, with full jitter")
+    backoff_max: float = Field(4, ge=0)
+    max_retry_after: float = Field(10, ge=0, description="a longer Retry-After moves on to the next target")
+    failures_to_cool: int = Field(3, ge=1, description="consecutive failures that cool a target down")
+    cooldown: float = Field(30, ge=0, description="seconds a cooled target is skipped")
+
+
+class ApiKey(Strict):
+    key: str | None = None
+    key_env: str | None = None
+    name: str | None = None  # what logs and /health call it, never the key itself
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("an api_keys entry needs exactly one of key or key_env")
+        return self
+
+    def secret(self) -> str:
+        value = self.key if self.key is not None else os.environ.get(self.key_env or "")
+        if not value:
+            raise ValueError(f"environment variable {self.key_env} (an api_keys entry) is not set")
+        return value
+
+
+class GatewayConfig(Strict):
+    targets: dict[str, TargetConfig]
+    models: dict[str, PublicModel]
+    tiers: dict[str, str] = Field(default_factory=dict, description="tier name -> public model name")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for name, model in self.models.items():
+            unknown = [t for t in model.targets if t not in self.targets]
+            if unknown:
+                raise ValueError(f"model {name!r} names unknown targets {unknown}")
+        for tier, model in self.tiers.items():
+            if model not in self.models:
+                raise ValueError(f"tier {tier!r} names unknown model {model!r}")
+        self.routes()  # duplicate names fail here, at start-up
+        return self
+
+    def routes(self) -> dict[str, list[str]]:
+        """Every name a client may send (names, aliases, tiers) -> its chain of target names."""
+        routes: dict[str, list[str]] = {}
+
+        def add(name: str, chain: list[str]) -> None:
+            if name in routes:
+                raise ValueError(f"the public name {name!r} is defined twice")
+            routes[name] = chain
+
+        for name, model in self.models.items():
+            add(name, model.targets)
+            for alias in model.aliases:
+                add(alias, model.targets)
+        for tier, model in self.tiers.items():
+            add(tier, self.models[model].targets)
+        return routes
+
+
+def load_config(path: Path) -> GatewayConfig:
+    return GatewayConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def simple_config(settings: Settings, served_name: str) -> GatewayConfig:
+    """Without LLM_CONFIG: the local model named `served_name`, then LLM_FALLBACK_BASE_URL if set."""
+    targets: dict[str, Any] = {"local": {"type": "local"}}
+    if settings.fallback_base_url:
+        targets["fallback"] = {
+            "type": "openai", "base_url": settings.fallback_base_url,
+            "model": settings.fallback_model or served_name, "api_key_env": settings.fallback_api_key_env,
+        }  # fmt: skip
+    return GatewayConfig.model_validate({"targets": targets, "models": {served_name: {"targets": list(targets)}}})
+
+
+def env_api_keys(settings: Settings) -> list[ApiKey]:
+    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+    return [
+        ApiKey(key=k, name=f"env-{i}", requests_per_minute=settings.rate_limit_rpm,
+               tokens_per_minute=settings.rate_limit_tpm)
+        for i, k in enumerate(keys)
+    ]  # fmt: skip

@@ -1,0 +1,187 @@
+"""One request through its model's chain of targets: retries, cooldowns, fallback, deadline, relay.
+
+Each target gets up to `retry.attempts` tries for transient failures (exponential backoff with full
+jitter, or the provider's Retry-After); when it is out of tries, or cooling down, the next target in
+the chain is tried. Nothing has reached the client until a target produced its first output, so a
+fallback is invisible; a failure after that ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+
+from gateway.config import RetryPolicy
+from gateway.errors import APIError, invalid_param
+from gateway.generation import sse_response, until_disconnected
+from gateway.routing import Route, Target
+from gateway.security import KeyLimits
+from gateway.stats import RoutingStats
+from gateway.targets import Outcome, TargetFailure
+
+log = logging.getLogger(__name__)
+TARGET_HEADER = "x-llm-target"
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+async def dispatch(request: Request, endpoint: str, body: BaseModel) -> Response:
+    """Serve `body` (a validated request for `endpoint`) from the first target of its chain that can."""
+    state = request.app.state
+    route: Route = state.router.resolve(body.model)
+    timeout = request_timeout(request, getattr(body, "timeout", None), state.settings)
+    deadline = asyncio.get_running_loop().time() + timeout
+    chain = _Chain(route, endpoint, body, deadline, state.retry, state.stats)
+    outcome = await until_disconnected(request, _within(deadline, timeout, chain.serve()))
+    if isinstance(outcome, Response):
+        return outcome  # the client left; the work is cancelled
+    limits: KeyLimits | None = request.state.limits
+    headers = {TARGET_HEADER: outcome.target}
+    if outcome.events is not None:
+        return sse_response(_relay(outcome.events, deadline, timeout, limits), headers)
+    if limits is not None and limits.counts_tokens:
+        limits.charge(_total_tokens(outcome.body))
+    return Response(outcome.body, media_type="application/json", headers=headers)
+
+
+def request_timeout(request: Request, requested: float | None, settings) -> float:
+    """The body's `timeout`, else the x-request-timeout header, else the default; capped at the maximum."""
+    value = requested if requested is not None else request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return settings.request_timeout
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise invalid_param("timeout", f"The timeout must be a positive number of seconds, got {value!r}.")
+    return min(seconds, settings.max_request_timeout)
+
+
+def timed_out(timeout: float) -> APIError:
+    return APIError(504, f"The request timed out after {timeout:g}s.", type="timeout_error", code="timeout")
+
+
+async def _within(deadline: float, timeout: float, work):
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await work
+    except TimeoutError:
+        raise timed_out(timeout) from None
+
+
+async def _relay(events: AsyncIterator[str], deadline: float, timeout: float, limits: KeyLimits | None):
+    """Pass events on as they come, until the deadline; streams are charged one token per event."""
+    sent = 0
+    try:
+        async with contextlib.aclosing(events):
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise timed_out(timeout) from None
+                sent += 1
+                yield event
+    finally:
+        if limits is not None:
+            limits.charge(sent)
+
+
+def _total_tokens(body: bytes) -> int:
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return int(json.loads(body)["usage"]["total_tokens"])
+    return 0
+
+
+class _Chain:
+    def __init__(self, route: Route, endpoint: str, body: BaseModel, deadline: float, policy: RetryPolicy,
+                 stats: RoutingStats):  # fmt: skip
+        self.route, self.endpoint, self.body, self.deadline = route, endpoint, body, deadline
+        self.policy, self.stats = policy, stats
+        self.loop = asyncio.get_running_loop()
+
+    async def serve(self) -> Outcome:
+        last: TargetFailure | None = None
+        for target in self.route.targets:
+            if target.breaker.remaining():
+                log.info("skipping target %s: cooling down", target.name)
+                continue
+            try:
+                outcome = await self._with_retries(target)
+            except TargetFailure as failure:
+                log.warning("target %s failed (%s): %s", target.name, failure.status_code, failure.message)
+                self.stats.fallbacks[target.name] += 1
+                last = _tagged(failure, target)
+                continue
+            self.stats.served[target.name] += 1
+            return outcome
+        self.stats.exhausted += 1
+        raise self._exhausted(last)
+
+    async def _with_retries(self, target: Target) -> Outcome:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda error: isinstance(error, TargetFailure) and error.retry_here),
+            wait=self._wait,
+            stop=lambda state: self._give_up(target, state),
+            before_sleep=lambda state: self.stats.retries.update([target.name]),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(target)
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _attempt(self, target: Target) -> Outcome:
+        try:
+            outcome = await target.serve(self.endpoint, self.body, self.deadline - self.loop.time())
+        except TargetFailure as failure:
+            if failure.unhealthy:
+                target.breaker.failed()
+            raise
+        except APIError as error:  # the request's own fault: no other target would do better
+            raise _tagged(error, target) from None
+        target.breaker.succeeded()
+        return outcome
+
+    def _wait(self, state: RetryCallState) -> float:
+        retry_after = getattr(state.outcome.exception(), "retry_after", None)
+        if retry_after is not None:
+            return retry_after
+        backoff = wait_random_exponential(multiplier=self.policy.backoff_initial, max=self.policy.backoff_max)
+        return backoff(state)
+
+    def _give_up(self, target: Target, state: RetryCallState) -> bool:
+        upcoming = state.upcoming_sleep
+        return (
+            state.attempt_number >= self.policy.attempts
+            or target.breaker.remaining() > 0
+            or upcoming > self.policy.max_retry_after
+            or self.loop.time() + upcoming >= self.deadline
+        )
+
+    def _exhausted(self, last: TargetFailure | None) -> APIError:
+        """The final answer when no target could serve; clients should not retry it blindly."""
+        if last is None:
+            wait = min(t.breaker.remaining() for t in self.route.targets)
+            last = APIError(
+                503, f"Every target of model '{self.route.name}' is cooling down after failures.",
+                type="server_error", code="targets_unavailable", headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )  # fmt: skip
+        last.headers = {**(last.headers or {}), "x-should-retry": "false"}
+        return last
+
+
+def _tagged(error: APIError, target: Target) -> APIError:
+    error.headers = {**(error.headers or {}), TARGET_HEADER: target.name}
+    return error

@@ -1,0 +1,199 @@
+"""Targets: where a request can be served. A local in-process engine or a remote OpenAI-compatible API.
+
+Both answer `serve(endpoint, body)` with an `Outcome`: a whole JSON body, or a stream of SSE `data`
+payloads whose first item has already arrived (so a failure before it can still fall back). A failure
+worth trying elsewhere is a `TargetFailure`; anything else (a 400 caused by the request) is final.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+from pydantic import BaseModel
+
+from engines.base import Engine, EngineError, EngineOverloaded
+from gateway.config import RemoteTarget as RemoteConfig
+from gateway.errors import APIError, from_engine_error
+from gateway.generation import primed
+from gateway.upstream import HttpClient, UpstreamResponse, UpstreamUnavailable
+
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class Outcome:
+    target: str
+    body: bytes | None = None
+    events: AsyncIterator[str] | None = None
+
+
+class TargetFailure(APIError):
+    """A target could not serve this request; the next one in the chain may. Shown as `error` if none can."""
+
+    def __init__(self, error: APIError, *, retry_here: bool, unhealthy: bool, retry_after: float | None = None):
+        super().__init__(
+            error.status_code, error.message, type=error.type, param=error.param, code=error.code, headers=error.headers
+        )
+        self.retry_here = retry_here  # worth another attempt on the same target after a backoff
+        self.unhealthy = unhealthy  # counts towards the target's cooldown
+        self.retry_after = retry_after
+
+
+class Breaker:
+    """Cools a target down after consecutive failures; one failure after a cooldown cools it again."""
+
+    def __init__(self, failures_to_cool: int, cooldown: float):
+        self.failures_to_cool = failures_to_cool
+        self.cooldown = cooldown
+        self.failures = 0
+        self.cool_until = 0.0
+
+    def remaining(self) -> float:
+        return max(0.0, self.cool_until - time.monotonic())
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.cool_until = 0.0
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self.failures >= self.failures_to_cool:
+            self.cool_until = time.monotonic() + self.cooldown
+
+    def health(self) -> dict:
+        remaining = self.remaining()
+        return {
+            "state": "cooling" if remaining else "ok",
+            "consecutive_failures": self.failures,
+            "cooldown_remaining_s": round(remaining, 1),
+        }
+
+
+# Endpoint -> how a local engine answers it; the api modules register theirs.
+LocalHandler = Callable[[Engine, BaseModel], Awaitable[BaseModel | AsyncIterator[str]]]
+LOCAL_HANDLERS: dict[str, LocalHandler] = {}
+
+
+def local_handler(endpoint: str) -> Callable[[LocalHandler], LocalHandler]:
+    def register(handler: LocalHandler) -> LocalHandler:
+        LOCAL_HANDLERS[endpoint] = handler
+        return handler
+
+    return register
+
+
+class LocalTarget:
+    kind = "local"
+
+    def __init__(self, name: str, engine: Engine, breaker: Breaker):
+        self.name, self.engine, self.breaker = name, engine, breaker
+
+    async def serve(self, endpoint: str, body: BaseModel, remaining: float) -> Outcome:
+        try:
+            result = await LOCAL_HANDLERS[endpoint](self.engine, body)
+        except EngineError as error:
+            raise self._failure(error) from error
+        if isinstance(result, BaseModel):
+            return Outcome(self.name, body=result.model_dump_json().encode())
+        return Outcome(self.name, events=result)
+
+    @staticmethod
+    def _failure(error: EngineError) -> APIError | TargetFailure:
+        api_error = from_engine_error(error)
+        if error.status_code < 500:
+            return api_error
+        # A full queue says nothing about the engine's health; not-ready and crashes do.
+        return TargetFailure(api_error, retry_here=False, unhealthy=not isinstance(error, EngineOverloaded))
+
+    def health(self) -> dict:
+        return {"type": self.kind, "engine": self.engine.name, **self.breaker.health()}
+
+
+class RemoteTarget:
+    kind = "openai"
+
+    def __init__(self, name: str, config: RemoteConfig, client: HttpClient, breaker: Breaker):
+        self.name, self.config, self.client, self.breaker = name, config, client, breaker
+        self.base_url = config.base_url.rstrip("/")
+        key = config.api_key()  # read once at start-up: a missing variable stops it there
+        self.headers = {**config.headers, **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    async def serve(self, endpoint: str, body: BaseModel, remaining: float) -> Outcome:
+        payload = body.model_dump(exclude_unset=True, exclude={"timeout"})
+        payload["model"] = self.config.model
+        # Another gateway (or any server that reads it) stops at the same deadline as this one.
+        headers = {**self.headers, "x-request-timeout": f"{remaining:.3f}"}
+        url = f"{self.base_url}/{endpoint}"
+        if payload.get("stream"):
+            return Outcome(self.name, events=await primed(self._events(url, payload, headers)))
+        try:
+            async with self._post(url, payload, headers) as response:
+                return Outcome(self.name, body=await self._read_ok(response))
+        except UpstreamUnavailable as error:
+            raise self._unreachable(error) from error
+
+    def _post(self, url: str, payload: dict, headers: dict[str, str]):
+        return self.client.post(url, payload, headers, self.config.connect_timeout, self.config.read_timeout)
+
+    async def _events(self, url: str, payload: dict, headers: dict[str, str]) -> AsyncIterator[str]:
+        """The upstream's `data` payloads, relayed one by one as they arrive, without `[DONE]`."""
+        try:
+            async with self._post(url, payload, headers) as response:
+                await self._read_ok(response, streaming=True)
+                first = True
+                async for line in response.lines():
+                    if not line.startswith("data:"):
+                        continue  # comments (pings), blank separators, event names
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    if first and data.startswith('{"error"'):
+                        raise self._failure(500, response.headers, data.encode())  # failed before any output
+                    first = False
+                    yield data
+        except UpstreamUnavailable as error:
+            raise self._unreachable(error) from error
+        raise APIError(502, f"target {self.name!r} closed the stream before it finished", type="server_error")
+
+    async def _read_ok(self, response: UpstreamResponse, streaming: bool = False) -> bytes:
+        if response.status < 400:
+            return b"" if streaming else await response.read()
+        raise self._failure(response.status, response.headers, await response.read())
+
+    def _failure(self, status: int, headers, content: bytes) -> APIError | TargetFailure:
+        error = _upstream_error(status, content)
+        if status not in RETRYABLE_STATUS:
+            return error  # the request's own fault: the client sees the provider's answer
+        retry_after = _seconds(headers.get("retry-after"))
+        return TargetFailure(error, retry_here=True, unhealthy=True, retry_after=retry_after)
+
+    def _unreachable(self, error: UpstreamUnavailable) -> TargetFailure:
+        status = 504 if error.timed_out else 502
+        api_error = APIError(status, f"target {self.name!r}: {error}", type="server_error", code="upstream_unavailable")
+        return TargetFailure(api_error, retry_here=True, unhealthy=True)
+
+    def health(self) -> dict:
+        return {"type": self.kind, "base_url": self.base_url, **self.breaker.health()}
+
+
+def _upstream_error(status: int, content: bytes) -> APIError:
+    """The provider's OpenAI-shaped error as ours, or a plain one when it sent something else."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        detail = json.loads(content)["error"]
+        return APIError(
+            status, str(detail.get("message") or "upstream error"), type=detail.get("type") or "server_error",
+            param=detail.get("param"), code=detail.get("code"),
+        )  # fmt: skip
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return APIError(status, f"upstream answered {status}", type=error_type)
+
+
+def _seconds(value: str | None) -> float | None:
+    """Retry-After in seconds (HTTP dates are rare from APIs and read as absent)."""
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, float(value))
+    return None

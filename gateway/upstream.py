@@ -1,0 +1,86 @@
+"""The one seam between the gateway and remote HTTP providers: a shared, pooled client.
+
+Remote targets only call `HttpClient.post` and read the `UpstreamResponse` it yields, so the library
+behind it can change without touching routing. Implementations are picked by name (LLM_HTTP_CLIENT);
+docs/BENCHMARKS.md has the relay overhead measured for each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncContextManager, AsyncIterator, Callable, Mapping, Protocol
+
+import httpx
+
+POOL_CONNECTIONS = 512  # open connections across all providers
+POOL_KEEPALIVE = 64  # idle connections kept for reuse
+
+
+class UpstreamUnavailable(Exception):
+    """The provider could not be reached, or stopped answering (refused, reset, timed out)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self) -> bytes: ...
+
+    def lines(self) -> AsyncIterator[str]: ...
+
+
+class HttpClient(Protocol):
+    def post(
+        self, url: str, payload: dict, headers: dict[str, str], connect_timeout: float, read_timeout: float
+    ) -> AsyncContextManager[UpstreamResponse]:
+        """POST JSON; the response body is read lazily inside the context and closed when it exits."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class _HttpxResponse:
+    def __init__(self, response: httpx.Response):
+        self._response = response
+        self.status = response.status_code
+        self.headers = response.headers
+
+    async def read(self) -> bytes:
+        return await self._response.aread()
+
+    def lines(self) -> AsyncIterator[str]:
+        return self._response.aiter_lines()
+
+
+class HttpxClient:
+    def __init__(self) -> None:
+        limits = httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_KEEPALIVE)
+        self._client = httpx.AsyncClient(limits=limits)
+
+    @contextlib.asynccontextmanager
+    async def post(self, url, payload, headers, connect_timeout, read_timeout) -> AsyncIterator[_HttpxResponse]:
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        try:
+            async with self._client.stream("POST", url, json=payload, headers=headers, timeout=timeout) as response:
+                yield _HttpxResponse(response)
+        except httpx.TimeoutException as error:
+            raise UpstreamUnavailable(f"{url} timed out ({type(error).__name__})", timed_out=True) from error
+        except httpx.TransportError as error:
+            raise UpstreamUnavailable(f"{url} could not be reached ({type(error).__name__})") from error
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+HTTP_CLIENTS: dict[str, Callable[[], HttpClient]] = {"httpx": HttpxClient}
+
+
+def create_http_client(name: str) -> HttpClient:
+    try:
+        return HTTP_CLIENTS[name]()
+    except KeyError:
+        raise ValueError(f"unknown HTTP client {name!r}; choose one of: {', '.join(sorted(HTTP_CLIENTS))}") from None
