@@ -90,6 +90,8 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # llama.cpp reports every tensor it loads; keep that for debugging only.
     logging.getLogger("llama-cpp-python").setLevel("DEBUG" if level == "debug" else "WARNING")
+    # httpx logs every upstream request at INFO; the access log already has one line per request.
+    logging.getLogger("httpx").setLevel("DEBUG" if level == "debug" else "WARNING")
 
 
 class RequestIdMiddleware:

@@ -62,7 +62,7 @@ class Scheduler:
         self._vocab = vocab
         self._batch = Batch(batch_size)
         self._context_length = context_length
-        self._max_waiting = max_waiting
+        self._capacity = slots + max_waiting  # running plus waiting, so max_waiting=0 still fills the slots
         self._free_slots = list(range(slots))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
@@ -86,8 +86,10 @@ class Scheduler:
         return self._submitted - self._admitted
 
     def submit(self, tokens: list[int], params: SamplingParams, grammar: str | None) -> Sequence:
-        if self.waiting >= self._max_waiting:
-            raise EngineOverloaded(f"the llama.cpp engine already has {self.waiting} requests waiting")
+        if self.running + self.waiting >= self._capacity:
+            raise EngineOverloaded(
+                f"the llama.cpp engine is full: {self.running} requests running, {self.waiting} waiting"
+            )
         sequence = Sequence(list(tokens), params, grammar, asyncio.Queue())
         self._submitted += 1
         self._inbox.put(sequence)
