@@ -37,5 +37,5 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="comma-separated keys clients must send (unset: open)")
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key from LLM_API_KEYS")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key from LLM_API_KEYS")
-    http_client: str = Field("httpx", description="upstream HTTP client: httpx | aiohttp")
+    http_client: str = Field("aiohttp", description="upstream HTTP client: aiohttp | httpx")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

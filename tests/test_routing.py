@@ -312,3 +312,30 @@ def test_rate_limit_per_key(routed):
     assert error.value.code == "rate_limit_exceeded"
     assert int(error.value.response.headers["retry-after"]) >= 1
     routed.client(api_key=GATEWAY_KEY).models.list()  # other keys are not affected
+
+
+# ---- the simple case: env vars only, the other HTTP client ----------------------------------------
+
+
+def test_env_only_fallback_through_the_httpx_client(tmp_path, upstream):
+    """No config file: a local model that failed to load falls back to LLM_FALLBACK_BASE_URL."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    env = {
+        "LLM_MODEL": str(broken), "LLM_FALLBACK_BASE_URL": upstream.base_url("env-ok"),
+        "LLM_FALLBACK_API_KEY_ENV": "FALLBACK_KEY", "FALLBACK_KEY": "sk-upstream", "LLM_HTTP_CLIENT": "httpx",
+    }  # fmt: skip
+    server = start_server(tmp_path, env, wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while server.health()["models"][0]["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client = server.client()
+        headers, reply = ask(client, "broken")
+        assert headers["x-llm-target"] == "fallback"
+        assert reply.choices[0].message.content == "from env-ok"
+        headers, text = stream_text(client, "broken")
+        assert (headers["x-llm-target"], text) == ("fallback", "from env-ok upstream")
+        assert [m.id for m in client.models.list().data] == ["broken"]
+    finally:
+        server.stop()
