@@ -23,7 +23,6 @@ from gateway.observability import RequestIdMiddleware
 from gateway.routing import ModelRouter
 from gateway.security import KeyRing, authorize
 from gateway.settings import Settings
-from gateway.stats import RoutingStats
 from gateway.targets import Breaker, LocalTarget, RemoteTarget
 from gateway.upstream import create_http_client
 
@@ -37,7 +36,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.router = ModelRouter()  # filled at start-up
     app.state.keys = KeyRing([])
     app.state.retry = RetryPolicy()
-    app.state.stats = RoutingStats()
     app.state.started = int(time.time())
     metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()], lambda: {}))
     for module in (chat, completions, embeddings, models):

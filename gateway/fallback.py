@@ -20,12 +20,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
+from gateway import metrics
 from gateway.config import RetryPolicy
 from gateway.errors import APIError, invalid_param
 from gateway.generation import sse_response, until_disconnected
+from gateway.observability import RequestRecord, current_request
 from gateway.routing import Route, Target
 from gateway.security import KeyLimits
-from gateway.stats import RoutingStats
 from gateway.targets import Outcome, TargetFailure
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ async def dispatch(request: Request, endpoint: str, body: BaseModel) -> Response
     route: Route = state.router.resolve(body.model)
     timeout = request_timeout(request, getattr(body, "timeout", None), state.settings)
     deadline = asyncio.get_running_loop().time() + timeout
-    chain = _Chain(route, endpoint, body, deadline, state.retry, state.stats)
+    record = current_request()
+    record.model = body.model
+    chain = _Chain(route, endpoint, body, deadline, state.retry, record)
     outcome = await until_disconnected(request, _within(deadline, timeout, chain.serve()))
     if isinstance(outcome, Response):
         return outcome  # the client left; the work is cancelled
@@ -47,8 +50,7 @@ async def dispatch(request: Request, endpoint: str, body: BaseModel) -> Response
     headers = {TARGET_HEADER: outcome.target}
     if outcome.events is not None:
         return sse_response(_relay(outcome.events, deadline, timeout, limits), headers)
-    if limits is not None and limits.counts_tokens:
-        limits.charge(_total_tokens(outcome.body))
+    _account(record, limits, outcome.body)
     return Response(outcome.body, media_type="application/json", headers=headers)
 
 
@@ -98,17 +100,23 @@ async def _relay(events: AsyncIterator[str], deadline: float, timeout: float, li
             limits.charge(sent)
 
 
-def _total_tokens(body: bytes) -> int:
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        return int(json.loads(body)["usage"]["total_tokens"])
-    return 0
+def _account(record: RequestRecord, limits: KeyLimits | None, body: bytes) -> None:
+    """Tokens of a whole reply: for the key's limit, and for the record when a remote target counted them."""
+    usage: dict = {}
+    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+        usage = json.loads(body)["usage"] or {}
+    if not (record.prompt_tokens or record.completion_tokens):  # a local engine fills these in itself
+        record.prompt_tokens = usage.get("prompt_tokens", 0)
+        record.completion_tokens = usage.get("completion_tokens", 0)
+    if limits is not None:
+        limits.charge(usage.get("total_tokens", 0))
 
 
 class _Chain:
     def __init__(self, route: Route, endpoint: str, body: BaseModel, deadline: float, policy: RetryPolicy,
-                 stats: RoutingStats):  # fmt: skip
+                 record: RequestRecord):  # fmt: skip
         self.route, self.endpoint, self.body, self.deadline = route, endpoint, body, deadline
-        self.policy, self.stats = policy, stats
+        self.policy, self.record = policy, record
         self.loop = asyncio.get_running_loop()
 
     async def serve(self) -> Outcome:
@@ -117,16 +125,13 @@ class _Chain:
             if target.breaker.remaining():
                 log.info("skipping target %s: cooling down", target.name)
                 continue
+            if last is not None:
+                metrics.record_fallback(self.route.name, last.headers[TARGET_HEADER], target.name)
             try:
-                outcome = await self._with_retries(target)
+                return await self._with_retries(target)
             except TargetFailure as failure:
                 log.warning("target %s failed (%s): %s", target.name, failure.status_code, failure.message)
-                self.stats.fallbacks[target.name] += 1
                 last = _tagged(failure, target)
-                continue
-            self.stats.served[target.name] += 1
-            return outcome
-        self.stats.exhausted += 1
         raise self._exhausted(last)
 
     async def _with_retries(self, target: Target) -> Outcome:
@@ -134,7 +139,7 @@ class _Chain:
             retry=retry_if_exception(lambda error: isinstance(error, TargetFailure) and error.retry_here),
             wait=self._wait,
             stop=lambda state: self._give_up(target, state),
-            before_sleep=lambda state: self.stats.retries.update([target.name]),
+            before_sleep=lambda state: metrics.record_retry(target.name),
             reraise=True,
         )
         async for attempt in retrying:
@@ -143,11 +148,12 @@ class _Chain:
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _attempt(self, target: Target) -> Outcome:
+        self.record.target = target.name  # logs and metrics name the target that answered, or failed last
         try:
             outcome = await target.serve(self.endpoint, self.body, self.deadline - self.loop.time())
         except TargetFailure as failure:
-            if failure.unhealthy:
-                target.breaker.failed()
+            if failure.unhealthy and target.breaker.failed():
+                metrics.record_cooldown(target.name)
             raise
         except APIError as error:  # the request's own fault: no other target would do better
             raise _tagged(error, target) from None

@@ -140,7 +140,7 @@ async def _disconnected(request: Request) -> None:
 
 
 class Reply:
-    """How one endpoint renders results; `respond` drives it for streaming and non-streaming alike."""
+    """How one endpoint renders results; `produce` drives it for streaming and non-streaming alike."""
 
     def __init__(self, id: str, created: int, model: str, prompt_tokens: int, choices: int):
         self.id, self.created, self.model = id, created, model

@@ -35,5 +35,11 @@ class ModelRouter:
     def targets(self) -> list[Target]:
         return list(self._targets.values())
 
+    def readiness(self, model: str) -> str:
+        """"ready" when the model can be served now: a remote target, or a loaded local engine, in its
+        chain; otherwise the state of its first local engine ("loading", "failed")."""
+        states = [t.engine.info().state if isinstance(t, LocalTarget) else "ready" for t in self.resolve(model).targets]
+        return "ready" if "ready" in states else states[0]
+
     def engines(self) -> list[Engine]:
         return [t.engine for t in self._targets.values() if isinstance(t, LocalTarget)]

@@ -59,10 +59,13 @@ class Breaker:
         self.failures = 0
         self.cool_until = 0.0
 
-    def failed(self) -> None:
+    def failed(self) -> bool:
+        """Count a failure; True when it starts a cooldown."""
         self.failures += 1
-        if self.failures >= self.failures_to_cool:
-            self.cool_until = time.monotonic() + self.cooldown
+        if self.failures < self.failures_to_cool:
+            return False
+        self.cool_until = time.monotonic() + self.cooldown
+        return True
 
     def health(self) -> dict:
         remaining = self.remaining()

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 
 from engines.base import Engine
 from gateway.errors import invalid_param
-from gateway.observability import current_request
 from gateway.fallback import dispatch
+from gateway.observability import current_request
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from gateway.targets import local_handler
 
@@ -28,8 +28,7 @@ async def serve_locally(engine: Engine, body: EmbeddingRequest) -> EmbeddingResp
     if body.dimensions is not None and body.dimensions != native:
         raise invalid_param("dimensions", f"This model only produces {native}-dimensional embeddings.")
     result = await engine.embed(body.inputs())
-    record = current_request()
-    record.model, record.prompt_tokens = body.model, result.prompt_tokens
+    current_request().prompt_tokens = result.prompt_tokens
     data = [
         EmbeddingData(index=i, embedding=_encode(vector, body.encoding_format))
         for i, vector in enumerate(result.vectors)

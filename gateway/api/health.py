@@ -28,7 +28,6 @@ async def health(request: Request) -> JSONResponse:
         "memory": {"rss_bytes": rss_bytes(), "model_bytes": sum(e["memory_bytes"] for e in engines)},
         "models": engines,
         "targets": {target.name: target.health() for target in router.targets()},
-        "routing": request.app.state.stats.snapshot(),
     }
     return JSONResponse(body, status_code=200 if status != "error" else 503)
 
@@ -37,7 +36,7 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """200 once the default model is loaded; 503 with Retry-After before, so a balancer waits for it."""
     name = request.app.state.default_model
-    state = request.app.state.router.resolve(name).info().state
+    state = request.app.state.router.readiness(name)
     if state == "ready":
         return JSONResponse({"status": "ready", "model": name})
     return JSONResponse({"status": state, "model": name}, status_code=503, headers={"Retry-After": "1"})
