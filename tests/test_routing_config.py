@@ -1,0 +1,91 @@
+"""Unit tests for the routing config, the cooldown breaker and the key ring (no server needed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.config import ApiKey, GatewayConfig, load_config
+from gateway.errors import APIError
+from gateway.security import KeyLimits, KeyRing
+from gateway.settings import PROJECT_ROOT
+from gateway.targets import Breaker
+
+EXAMPLES = sorted((PROJECT_ROOT / "configs").glob("gateway*.yaml"))
+
+
+def test_there_are_example_configs():
+    assert len(EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_are_valid_and_local_first(path):
+    config = load_config(path)
+    for name, chain in config.routes().items():
+        assert chain, name
+    first = config.targets[next(iter(config.targets))]
+    assert first.type == "local"
+
+
+def minimal(**changes) -> dict:
+    data = {"targets": {"a": {"type": "local"}}, "models": {"m": {"targets": ["a"], "aliases": ["alias"]}}}
+    data.update(changes)
+    return data
+
+
+def test_routes_cover_names_aliases_and_tiers():
+    config = GatewayConfig.model_validate(minimal(tiers={"low": "m"}))
+    assert config.routes() == {"m": ["a"], "alias": ["a"], "low": ["a"]}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"models": {"m": {"targets": ["nowhere"]}}}, "unknown targets"),
+        ({"tiers": {"low": "missing"}}, "unknown model"),
+        ({"tiers": {"alias": "m"}}, "defined twice"),
+        ({"targets": {"a": {"type": "openai", "model": "x"}}}, "base_url"),
+        ({"api_keys": [{"key": "k", "key_env": "K"}]}, "exactly one"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_invalid_configs_are_refused_with_a_reason(changes, message):
+    with pytest.raises(ValidationError, match=message):
+        GatewayConfig.model_validate(minimal(**changes))
+
+
+def test_breaker_cools_after_consecutive_failures_and_recovers():
+    breaker = Breaker(failures_to_cool=2, cooldown=0.2)
+    assert breaker.failed() is False and not breaker.remaining()
+    assert breaker.failed() is True and breaker.remaining() > 0
+    assert breaker.health()["state"] == "cooling"
+    time.sleep(0.25)
+    assert breaker.health()["state"] == "ok"
+    assert breaker.failed() is True  # one failure after a cooldown cools it again
+    breaker.succeeded()
+    assert breaker.health() == {"state": "ok", "consecutive_failures": 0, "cooldown_remaining_s": 0.0}
+
+
+def test_key_ring_matches_only_exact_keys(monkeypatch):
+    monkeypatch.setenv("KEY_FROM_ENV", "sk-env")
+    ring = KeyRing([ApiKey(key="sk-one"), ApiKey(key_env="KEY_FROM_ENV")])
+    assert ring.match("sk-one") is not None and ring.match("sk-env") is not None
+    assert ring.match("sk-on") is None and ring.match("sk-one ") is None and ring.match("") is None
+    assert not KeyRing([])
+
+
+def test_limits_count_requests_and_tokens_per_minute():
+    requests = KeyLimits(requests_per_minute=2, tokens_per_minute=None)
+    requests.admit()
+    requests.admit()
+    with pytest.raises(APIError) as error:
+        requests.admit()
+    assert (error.value.status_code, error.value.code, error.value.type) == (429, "rate_limit_exceeded", "requests")
+    tokens = KeyLimits(requests_per_minute=None, tokens_per_minute=100)
+    tokens.admit()
+    tokens.charge(100)
+    with pytest.raises(APIError) as error:
+        tokens.admit()
+    assert error.value.type == "tokens" and int(error.value.headers["Retry-After"]) >= 1
