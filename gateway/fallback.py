@@ -142,10 +142,7 @@ class _Chain:
             before_sleep=lambda state: metrics.record_retry(target.name),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._attempt(target)
-        raise AssertionError("unreachable: tenacity either returns or re-raises")
+        return await retrying(self._attempt, target)
 
     async def _attempt(self, target: Target) -> Outcome:
         self.record.target = target.name  # logs and metrics name the target that answered, or failed last

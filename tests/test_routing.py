@@ -7,7 +7,6 @@ started here (tests/upstream.py) that refuses, fails, stalls or cuts streams.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
