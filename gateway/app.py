@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
+from typing import Callable
 
 from fastapi import Depends, FastAPI
 
 from engines import create_engine
-from engines.base import Engine, EngineConfig
-from gateway import metrics, tracing
+from engines.base import EngineConfig
+from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
 from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
 from gateway.config import LocalTarget as LocalConfig
 from gateway.config import RemoteTarget as RemoteConfig
+from gateway.download import ModelDownload
 from gateway.errors import install_error_handlers
-from gateway.model_registry import ModelRegistry
+from gateway.lifecycle import ManagedModel, ModelManager
+from gateway.memory import MB, MemoryGovernor
+from gateway.model_registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
 from gateway.observability import RequestIdMiddleware
 from gateway.routing import ModelRouter
 from gateway.security import KeyRing, authorize
 from gateway.settings import Settings
 from gateway.targets import Breaker, LocalTarget, RemoteTarget
 from gateway.upstream import create_http_client
-
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyRing([])
     app.state.retry = RetryPolicy()
     app.state.started = int(time.time())
-    metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()], lambda: {}))
+    metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()],
+                                            lambda: _memory_gauges(app)))  # fmt: skip
     for module in (chat, completions, embeddings, models):
         app.include_router(module.router, dependencies=[Depends(authorize)])
     for module in (health, metrics_api):
@@ -47,11 +49,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def engine_config(settings: Settings, target: LocalConfig) -> EngineConfig:
-    """A local target's engine options: the target's own, else the LLM_* settings."""
-    registry = ModelRegistry.load(settings.registry)
+def _memory_gauges(app: FastAPI) -> dict[str, float]:
+    if not hasattr(app.state, "models"):  # before start-up
+        return {}
+    state = app.state.models.state()
+    return {"budget_bytes": state["budget_bytes"], "used_bytes": state["used_bytes"],
+            "pressure_ratio": state["used_bytes"] / state["budget_bytes"]}  # fmt: skip
+
+
+def resolve_local(settings: Settings, registry: ModelRegistry, target: LocalConfig,
+                  ) -> tuple[ResolvedModel, Callable | None]:  # fmt: skip
+    """A local target's file and public name, and for the default model (a target without its own
+    `model`) with LLM_MODEL_URL set, how to fetch that file first."""
     served_name = settings.served_model_name if target.model is None else None
-    resolved = registry.resolve(target.model or settings.model, settings.models_dir, served_name)
+    if target.model is not None or settings.model_url is None:
+        return registry.resolve(target.model or settings.model, settings.models_dir, served_name), None
+    download = ModelDownload.into(
+        settings.models_dir, settings.model_url, checksum=settings.model_checksum,
+        timeout=settings.download_timeout, retries=settings.download_retries,
+    )  # fmt: skip
+    entry = registry.entries.get(settings.model)
+    served_name = served_name or (entry.name if entry else download.target.stem)
+    return ResolvedModel(str(download.target), served_name, entry), lambda: asyncio.to_thread(download.ensure)
+
+
+def engine_config(settings: Settings, target: LocalConfig, resolved: ResolvedModel) -> EngineConfig:
+    """A local target's engine options: the target's own, else the LLM_* settings."""
 
     def pick(value, default):
         return default if value is None else value
@@ -70,54 +93,74 @@ def engine_config(settings: Settings, target: LocalConfig) -> EngineConfig:
     )
 
 
-def gateway_config(settings: Settings) -> GatewayConfig:
+def gateway_config(settings: Settings, registry: ModelRegistry) -> GatewayConfig:
     if settings.config is not None:
         return load_config(settings.config)
-    served_name = engine_config(settings, LocalConfig(type="local")).served_name
-    return simple_config(settings, served_name)
+    resolved, _ = resolve_local(settings, registry, LocalConfig(type="local"))
+    return simple_config(settings, resolved.served_name)
+
+
+def memory_governor(settings: Settings) -> MemoryGovernor:
+    """GPU memory when models run on CUDA, else the RAM budget."""
+    gpu = devices.gpu() if settings.gpu_layers else None
+    if gpu is not None:
+        return MemoryGovernor(gpu.total_bytes, f"cuda ({gpu.name})")
+    budget = settings.memory_budget_mb * MB if settings.memory_budget_mb else int(devices.ram_bytes() * 0.8)
+    return MemoryGovernor(budget, "cpu")
+
+
+def managed_model(settings: Settings, registry: ModelRegistry, manager: ModelManager,
+                  target: LocalConfig) -> ManagedModel:  # fmt: skip
+    resolved, prepare = resolve_local(settings, registry, target)
+    config = engine_config(settings, target, resolved)
+    engine_name = target.engine or settings.engine
+    return ManagedModel(
+        resolved.served_name, lambda: create_engine(engine_name, config),
+        estimate_bytes(resolved.entry, resolved.path), manager,
+        suggest=lambda free: what_would_fit(registry, resolved.entry, free), prepare=prepare,
+    )  # fmt: skip
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    config = gateway_config(settings)
+    registry = ModelRegistry.load(settings.registry)
+    config = gateway_config(settings, registry)
     app.state.retry = config.retry
     app.state.keys = KeyRing(config.api_keys + env_api_keys(settings))
     needs_http = any(isinstance(t, RemoteConfig) for t in config.targets.values())
     http = create_http_client(settings.http_client) if needs_http else None
+    manager = ModelManager(memory_governor(settings), settings.unload_after_seconds, settings.load_wait_seconds)
     targets: dict = {}
     for name, target in config.targets.items():
         breaker = Breaker(config.retry.failures_to_cool, config.retry.cooldown)
         if isinstance(target, LocalConfig):
-            engine = create_engine(target.engine or settings.engine, engine_config(settings, target))
-            targets[name] = LocalTarget(name, engine, breaker)
+            model = managed_model(settings, registry, manager, target)
+            manager.add(model)
+            targets[name] = LocalTarget(name, model, breaker)
         else:
             targets[name] = RemoteTarget(name, target, http, breaker)
     app.state.router = ModelRouter(targets, config.routes())
+    app.state.models = manager
     app.state.default_model = next(iter(config.models))
-    engines = app.state.router.engines()
     tracing.configure()
-    # Load in the background: the server answers /health (and 503 for the model) while it loads.
-    loading = [asyncio.create_task(_load(engine)) for engine in engines]
+    # Load the default model's local models in the background (the server answers /health, and 503 for
+    # them, meanwhile); the others load on first use.
+    default_chain = app.state.router.resolve(app.state.default_model).targets
+    tasks = [asyncio.create_task(_preload(t.engine)) for t in default_chain if isinstance(t, LocalTarget)]
+    tasks.append(asyncio.create_task(manager.run_sweeper()))
     try:
         yield
     finally:
-        for task in loading:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*loading, return_exceptions=True)
-        for engine in engines:
-            await engine.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await manager.close()
         if http is not None:
             await http.close()
         tracing.shutdown()
 
 
-async def _load(engine: Engine) -> None:
-    name = engine.info().model
-    started = time.perf_counter()
-    try:
-        await engine.load()
-    except Exception:
-        log.exception("loading model %s failed", name)
-        return
-    log.info("model %s ready on %s in %.1fs", name, engine.name, time.perf_counter() - started)
+async def _preload(model: ManagedModel) -> None:
+    with contextlib.suppress(Exception):  # the model logs its failure and /health shows it
+        await model.load()

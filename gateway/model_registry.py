@@ -65,3 +65,38 @@ def _missing_message(entry: ModelEntry, local: Path) -> str:
     else:
         how = f"download it from the Hugging Face repo {entry.hf_repo} (internet needed)"
     return f"model {entry.name!r} is not present at {local}: {how}"
+
+
+def quantization_of(entry: ModelEntry, path: str) -> str | None:
+    """Which of the entry's quantizations a file is, from its name (…Q4_K_M.gguf → q4_k_m)."""
+    name = Path(path).name.lower()
+    matches = [q for q in entry.memory_gb if q in name]
+    return max(matches, key=len) if matches else None  # q4_k_m, not q4_k, when both are listed
+
+
+def estimate_bytes(entry: ModelEntry | None, path: str) -> int:
+    """Memory a model will take before it is loaded: the registry's figure, else its file's size."""
+    quantization = quantization_of(entry, path) if entry else None
+    if quantization is not None:
+        return int(entry.memory_gb[quantization] * (1 << 30))
+    file = Path(path)
+    return file.stat().st_size if file.is_file() else 0
+
+
+def what_would_fit(registry: ModelRegistry, entry: ModelEntry | None, available: int) -> str:
+    """A smaller quantization of the same model, else a smaller model, that fits in `available` bytes."""
+    fits = lambda gb: gb * (1 << 30) <= available  # noqa: E731
+    if entry is not None:
+        quantizations = sorted((gb, q) for q, gb in entry.memory_gb.items() if fits(gb))
+        if quantizations:
+            gb, q = quantizations[-1]
+            return f"The {q} quantization of {entry.name} ({gb} GB) would fit."
+    engines = set(entry.engines) if entry else {"llamacpp"}
+    models = sorted(
+        (min(e.memory_gb.values()), e.name) for e in registry.entries.values()
+        if e.memory_gb and set(e.engines) & engines and fits(min(e.memory_gb.values()))
+    )  # fmt: skip
+    if models:
+        gb, name = models[-1]
+        return f"A smaller model would fit: {name} ({gb} GB)."
+    return "No model in the registry fits; raise LLM_MEMORY_BUDGET_MB or unload other models."

@@ -370,6 +370,15 @@ class ModelCard(BaseModel):
     owned_by: str = "local-llm-gateway"
 
 
+class ModelState(BaseModel):
+    """The answer to POST /v1/models/{id}/load and /unload (a gateway extension)."""
+
+    id: str
+    object: Literal["model.state"] = "model.state"
+    state: Literal["unloaded", "loading", "ready", "unloading", "failed"]
+    memory_bytes: int
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

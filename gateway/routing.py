@@ -36,9 +36,10 @@ class ModelRouter:
         return list(self._targets.values())
 
     def readiness(self, model: str) -> str:
-        """"ready" when the model can be served now: a remote target, or a loaded local engine, in its
-        chain; otherwise the state of its first local engine ("loading", "failed")."""
-        states = [t.engine.info().state if isinstance(t, LocalTarget) else "ready" for t in self.resolve(model).targets]
+        """"ready" when the model can be served now: a remote target, or a local model that has loaded (if
+        since unloaded for idleness, its next request loads it again), in its chain; otherwise the state of
+        its first local model ("loading", "failed")."""
+        states = [t.engine.readiness() if isinstance(t, LocalTarget) else "ready" for t in self.resolve(model).targets]
         return "ready" if "ready" in states else states[0]
 
     def engines(self) -> list[Engine]:

@@ -110,7 +110,7 @@ def test_metrics_after_known_traffic_are_exact(observed):
     assert _value(samples, "llm_inter_token_latency_seconds_count", **local) == 3 * (MAX_TOKENS - 1)
     engine = {"model": MODEL, "engine": "llamacpp"}
     assert _value(samples, "llm_model_loaded", **engine) == 1
-    assert _value(samples, "llm_model_memory_bytes", **engine) > 50_000_000  # the 98 MB file, mapped
+    assert _value(samples, "llm_model_memory_bytes", **engine) > 50_000_000  # weights and KV cache
     assert _value(samples, "llm_engine_running", **engine) == 0
     assert _value(samples, "llm_engine_waiting", **engine) == 0
 

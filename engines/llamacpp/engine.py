@@ -142,11 +142,20 @@ class LlamaCppEngine:
             state=self._state,
             context_length=self.config.context_length,
             embedding_dimensions=self._embedding_dimensions,
-            memory_bytes=llama_cpp.llama_model_size(self._model) if self._model else 0,
+            memory_bytes=self._footprint() if self._model else 0,
             running=scheduler.running if scheduler else 0,
             waiting=scheduler.waiting if scheduler else 0,
             error=self._error,
         )
+
+    def _footprint(self) -> int:
+        """Weights plus the f16 KV cache of every context: what the memory governor counts for this model."""
+        model = self._model
+        head_dim = llama_cpp.llama_model_n_embd(model) // max(llama_cpp.llama_model_n_head(model), 1)
+        per_cell = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
+        cells = self.config.context_length * self.config.parallel
+        cells += self._embedding_window() if self._embed_ctx else 0
+        return llama_cpp.llama_model_size(model) + per_cell * cells
 
     def _require_ready(self) -> Scheduler:
         if self._state != "ready" or self._scheduler is None:

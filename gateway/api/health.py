@@ -18,7 +18,8 @@ async def health(request: Request) -> JSONResponse:
     router = request.app.state.router
     engines = [dataclasses.asdict(engine.info()) for engine in router.engines()]
     states = {e["state"] for e in engines}
-    status = "ok" if states <= {"ready"} else "error" if "failed" in states else "loading"
+    # an unloaded model is fine: it loads again on its next request
+    status = "ok" if states <= {"ready", "unloaded"} else "error" if "failed" in states else "loading"
     first = engines[0] if engines else {}
     body = {
         "status": status,
@@ -28,13 +29,16 @@ async def health(request: Request) -> JSONResponse:
         "memory": {"rss_bytes": rss_bytes(), "model_bytes": sum(e["memory_bytes"] for e in engines)},
         "models": engines,
         "targets": {target.name: target.health() for target in router.targets()},
+        "governor": request.app.state.models.state(),
     }
     return JSONResponse(body, status_code=200 if status != "error" else 503)
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the default model is loaded; 503 with Retry-After before, so a balancer waits for it."""
+    """200 once the default model has loaded; 503 with Retry-After before, so a balancer waits for it.
+
+    A default model unloaded for idleness later stays ready: it loads again on its next request."""
     name = request.app.state.default_model
     state = request.app.state.router.readiness(name)
     if state == "ready":

@@ -1,10 +1,13 @@
-"""GET /v1/models and /v1/models/{id}: the public model names this gateway answers to."""
+"""GET /v1/models and /v1/models/{id}: the public model names this gateway answers to; POST
+/v1/models/{id}/load (pre-warm) and /v1/models/{id}/unload for the local models' lifecycle."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from gateway.protocol import ModelCard, ModelList
+from gateway.errors import APIError, model_not_found
+from gateway.lifecycle import ManagedModel
+from gateway.protocol import ModelCard, ModelList, ModelState
 
 router = APIRouter()
 
@@ -15,7 +18,35 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=created) for name in request.app.state.router.names()])
 
 
+@router.post("/v1/models/{model_id:path}/load", response_model=ModelState)
+async def load_model(model_id: str, request: Request) -> ModelState:
+    """Load now (making room as the governor allows), so the first real request is fast."""
+    model = _local_model(request, model_id)
+    await model.load()  # 507 when it cannot fit, 503 while a long load goes on
+    return _state(model)
+
+
+@router.post("/v1/models/{model_id:path}/unload", response_model=ModelState)
+async def unload_model(model_id: str, request: Request) -> ModelState:
+    model = _local_model(request, model_id)
+    if model.state != "unloaded" and not await model.unload("request"):
+        message = f"Model '{model_id}' is loading or serving requests; it cannot be unloaded now."
+        raise APIError(409, message, param="model", code="model_busy")
+    return _state(model)
+
+
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
     request.app.state.router.resolve(model_id)  # 404 model_not_found when unknown
     return ModelCard(id=model_id, created=request.app.state.started)
+
+
+def _local_model(request: Request, model_id: str) -> ManagedModel:
+    model = request.app.state.models.get(model_id)
+    if model is None:
+        raise model_not_found(model_id)
+    return model
+
+
+def _state(model: ManagedModel) -> ModelState:
+    return ModelState(id=model.served_name, state=model.state, memory_bytes=model.footprint())

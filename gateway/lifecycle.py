@@ -1,0 +1,208 @@
+"""Model lifecycle: local models load on first use (or when pre-warmed) and unload when told, when idle, or
+under memory pressure, as the governor (gateway/memory.py) decides.
+
+`ManagedModel` is itself an `Engine`: routes use it like any engine, and it loads the real one on demand,
+counts the requests it serves (so it is never unloaded under one) and builds a fresh engine after each
+unload. `ModelManager` holds the models, makes room before a load, and sweeps idle ones in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from engines.base import Delta, Embeddings, Engine, EngineInfo, EngineNotReady, Prompt, SamplingParams
+from gateway import metrics
+from gateway.errors import APIError
+from gateway.memory import MemoryGovernor
+
+log = logging.getLogger(__name__)
+
+
+class ManagedModel:
+    """One local model: unloaded → loading → ready → (unloading →) unloaded, or failed."""
+
+    def __init__(self, served_name: str, factory: Callable[[], Engine], estimate: int, manager: "ModelManager",
+                 suggest: Callable[[int], str], prepare: Callable[[], Awaitable[object]] | None = None):  # fmt: skip
+        self.served_name = served_name
+        self.suggest = suggest  # what would fit in so many bytes, for a 507
+        self._factory = factory
+        self._engine = factory()
+        self.name = self._engine.name
+        self.estimate = estimate
+        self._manager = manager
+        self._prepare = prepare  # fetches the model file first, when it comes from a URL
+        self.state = "unloaded"
+        self.loaded_once = False
+        self._error: str | None = None
+        self._loading: asyncio.Task | None = None
+        self._transition = asyncio.Lock()
+        self._in_flight = 0
+        self._last_used = time.monotonic()
+
+    # ---- what the governor reads -----------------------------------------------------------
+
+    def footprint(self) -> int:
+        if self.state == "ready":
+            return self._engine.info().memory_bytes
+        return self.estimate if self.state in ("loading", "unloading") else 0
+
+    def evictable(self) -> bool:
+        return self.state == "ready" and self._in_flight == 0
+
+    def idle_seconds(self) -> float:
+        return time.monotonic() - self._last_used
+
+    def last_used(self) -> float:
+        return self._last_used
+
+    def readiness(self) -> str:
+        """For /ready: "ready" once loaded, even if since unloaded for idleness (it loads again on use)."""
+        return "ready" if self.loaded_once and self.state != "failed" else self.state
+
+    # ---- load and unload -------------------------------------------------------------------
+
+    async def ensure_loaded(self) -> None:
+        """Return once ready: start a load if needed and wait for it, at most the manager's load_wait."""
+        self._last_used = time.monotonic()
+        if self.state == "ready":
+            return
+        if self.state == "failed":
+            raise EngineNotReady(f"model {self.served_name!r} failed to load: {self._error}")
+        if self._loading is None:
+            self._loading = asyncio.create_task(self._load())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._loading), self._manager.load_wait)
+        except TimeoutError:
+            raise EngineNotReady(f"model {self.served_name!r} is loading; retry shortly") from None
+
+    async def load(self) -> None:
+        await self.ensure_loaded()
+
+    async def _load(self) -> None:
+        try:
+            async with self._transition:
+                if self.state == "ready":
+                    return
+                await self._manager.make_room(self)
+                started = time.perf_counter()
+                if self._prepare is not None:
+                    await self._prepare()
+                await self._engine.load()
+                self.state, self.loaded_once = "ready", True
+            metrics.record_model_event(self.served_name, "load")
+            log.info("model %s loaded in %.1fs", self.served_name, time.perf_counter() - started)
+        except APIError:
+            self.state = "unloaded"  # no room now; a later request may find some
+            raise
+        except Exception as error:
+            self.state, self._error = "failed", str(error)
+            metrics.record_model_event(self.served_name, "load_failed")
+            log.error("loading model %s failed: %s", self.served_name, error)
+            raise EngineNotReady(f"model {self.served_name!r} failed to load: {error}") from error
+        finally:
+            self._loading = None
+
+    async def unload(self, reason: str) -> bool:
+        """Unload unless the model is serving (False then). The next request loads it again."""
+        async with self._transition:
+            if not self.evictable():
+                return False
+            self.state = "unloading"
+            await self._engine.close()
+            self._engine = self._factory()
+            self.state = "unloaded"
+        metrics.record_model_event(self.served_name, f"unload_{reason}")
+        log.info("model %s unloaded (%s)", self.served_name, reason)
+        return True
+
+    async def close(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+            with contextlib.suppress(BaseException):
+                await self._loading
+        await self._engine.close()
+
+    # ---- the Engine interface: load on demand, count what is being served -------------------
+
+    def info(self) -> EngineInfo:
+        return dataclasses.replace(self._engine.info(), model=self.served_name, state=self.state, error=self._error)
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        await self.ensure_loaded()
+        return await self._engine.render_chat(messages)
+
+    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
+        await self.ensure_loaded()
+        return await self._engine.encode_prompt(prompt)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        with self._serving():
+            await self.ensure_loaded()
+            async with contextlib.aclosing(self._engine.generate(prompt, params)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        with self._serving():
+            await self.ensure_loaded()
+            return await self._engine.embed(inputs)
+
+    @contextlib.contextmanager
+    def _serving(self):
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._last_used = time.monotonic()
+
+
+class ModelManager:
+    """The local models by public name, the governor's budget over them, and the idle sweeper."""
+
+    def __init__(self, governor: MemoryGovernor, unload_after: float, load_wait: float):
+        self.governor = governor
+        self.unload_after = unload_after  # seconds idle before unloading; 0: never
+        self.load_wait = load_wait  # seconds a request waits for a load before 503
+        self.models: dict[str, ManagedModel] = {}
+        self._room = asyncio.Lock()
+
+    def add(self, model: ManagedModel) -> None:
+        self.models[model.served_name] = model
+
+    def get(self, name: str) -> ManagedModel | None:
+        return self.models.get(name)
+
+    def state(self) -> dict:
+        return self.governor.state(list(self.models.values()))
+
+    async def make_room(self, model: ManagedModel) -> None:
+        """Unload least recently used idle models until `model`'s estimate fits; 507 if it cannot."""
+        async with self._room:
+            others = [m for m in self.models.values() if m is not model]
+            victims = self.governor.victims_for(model.estimate, others, model.suggest)
+            for victim in victims:
+                await victim.unload("memory")
+            model.state = "loading"  # counts with its estimate from here on
+
+    async def sweep(self) -> None:
+        for model, reason in self.governor.idle_victims(list(self.models.values()), self.unload_after):
+            await model.unload(reason)
+
+    async def run_sweeper(self) -> None:
+        """Every second (or a quarter of a short idle timeout), unload what idles too long."""
+        interval = min(1.0, self.unload_after / 4) if self.unload_after > 0 else 1.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("the idle sweep failed")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self.models.values()))
