@@ -113,6 +113,8 @@ class ManagedModel:
             if not self.evictable():
                 return False
             self.state = "unloading"
+            # The real footprint is a better estimate for the next load than the registry's weights-only one.
+            self.estimate = max(self.estimate, self._engine.info().memory_bytes)
             await self._engine.close()
             self._engine = self._factory()
             self.state = "unloaded"
