@@ -17,8 +17,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from engines.base import Delta, Embeddings, Engine, EngineInfo, EngineNotReady, Prompt, SamplingParams
 from gateway import metrics
-from gateway.errors import APIError
-from gateway.memory import MemoryGovernor
+from gateway.memory import InsufficientMemory, MemoryGovernor
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class ManagedModel:
                 self.state, self.loaded_once = "ready", True
             metrics.record_model_event(self.served_name, "load")
             log.info("model %s loaded in %.1fs", self.served_name, time.perf_counter() - started)
-        except APIError:
+        except InsufficientMemory:
             self.state = "unloaded"  # no room now; a later request may find some
             raise
         except Exception as error:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from gateway.errors import APIError
+from engines.base import EngineError
 
 MB = 1 << 20
 
@@ -109,11 +109,18 @@ class MemoryGovernor:
         return victims
 
 
-def insufficient_memory(needed: int, available: int, why: str, suggest: Callable[[int], str]) -> APIError:
+class InsufficientMemory(EngineError):
+    """507: the model does not fit; an engine error, so a fallback chain may try its next target."""
+
+    status_code = 507
+    error_type = "insufficient_storage"
+    code = "insufficient_memory"
+
+
+def insufficient_memory(needed: int, available: int, why: str, suggest: Callable[[int], str]) -> InsufficientMemory:
     shortfall = max(needed - available, 0)
     message = (
         f"Not enough memory to load this model: it needs about {needed / MB:.0f} MB, {available / MB:.0f} MB "
         f"can be made free ({why}); {shortfall / MB:.0f} MB short. {suggest(available)}"
     )
-    return APIError(507, message, type="insufficient_storage", param="model", code="insufficient_memory",
-                    headers={"Retry-After": "5"})  # fmt: skip
+    return InsufficientMemory(message, param="model")

@@ -18,16 +18,19 @@ from engines.base import SamplingParams
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
 _native_log = logging.getLogger("llama-cpp-python")
-# ggml_log_level → logging level; 5 (GGML_LOG_LEVEL_CONT) continues the previous line, so shows at debug.
-_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error; 5 continues the previous message's level.
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
 
 
 @llama_cpp.llama_log_callback
 def _log_to_python(level: int, text: bytes, _user_data) -> None:
     # llama.cpp would print to stderr itself; through logging its lines become JSON like ours.
+    if level != 5:
+        _last_level[0] = _LOG_LEVELS.get(level, logging.DEBUG)
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
-        _native_log.log(_LOG_LEVELS.get(level, logging.DEBUG), message)
+        _native_log.log(_last_level[0], message)
 
 
 def route_native_logs() -> None:
