@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from engines.base import EngineError
+from engines.base import EngineOverloaded
 
 MB = 1 << 20
 
@@ -109,15 +109,17 @@ class MemoryGovernor:
         return victims
 
 
-class InsufficientMemory(EngineError):
-    """507: the model does not fit; an engine error, so a fallback chain may try its next target."""
+class InsufficientMemory(EngineOverloaded):
+    """507: the model does not fit now. Like a full queue it is about capacity, not health: a fallback
+    chain tries its next target without cooling this one down."""
 
     status_code = 507
     error_type = "insufficient_storage"
     code = "insufficient_memory"
 
 
-def insufficient_memory(needed: int, available: int, why: str, suggest: Callable[[int], str]) -> InsufficientMemory:
+def insufficient_memory(needed: int, available: int, why: str,
+                        suggest: Callable[[int], str]) -> InsufficientMemory:  # fmt: skip
     shortfall = max(needed - available, 0)
     message = (
         f"Not enough memory to load this model: it needs about {needed / MB:.0f} MB, {available / MB:.0f} MB "

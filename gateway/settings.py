@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key from LLM_API_KEYS")
     http_client: str = Field("aiohttp", description="upstream HTTP client: aiohttp | httpx")
     unload_after_seconds: float = Field(300, ge=0, description="unload a model idle this long (0: never)")
-    memory_budget_mb: int | None = Field(None, ge=1, description="RAM for models without CUDA (default: 80 percent of RAM)")
+    memory_budget_mb: int | None = Field(None, ge=1, description="RAM for models without CUDA (default: 80 percent)")
     load_wait_seconds: float = Field(60, ge=0, description="how long a request waits for its model to load before 503")
     model_url: str | None = Field(None, description="download the model file from this URL when it is not cached")
     model_checksum: str | None = Field(None, description="sha256:<hex> the model file must match")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from gateway.errors import APIError, model_not_found
+from gateway.errors import APIError, invalid_param
 from gateway.lifecycle import ManagedModel
 from gateway.protocol import ModelCard, ModelList, ModelState
+from gateway.targets import LocalTarget
 
 router = APIRouter()
 
@@ -42,10 +43,15 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 
 def _local_model(request: Request, model_id: str) -> ManagedModel:
+    """A local model by its own name, or the first local model in a public name's chain."""
     model = request.app.state.models.get(model_id)
-    if model is None:
-        raise model_not_found(model_id)
-    return model
+    if model is not None:
+        return model
+    route = request.app.state.router.resolve(model_id)  # 404 model_not_found when unknown
+    local = next((t.engine for t in route.targets if isinstance(t, LocalTarget)), None)
+    if local is None:
+        raise invalid_param("model", f"Model '{model_id}' is served by remote targets only; nothing to load.")
+    return local
 
 
 def _state(model: ManagedModel) -> ModelState:
