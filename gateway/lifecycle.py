@@ -80,6 +80,10 @@ class ManagedModel:
             raise EngineNotReady(f"model {self.served_name!r} is loading; retry shortly") from None
 
     async def load(self) -> None:
+        """Pre-warm. A model that failed is tried afresh: its file may have been put right since."""
+        if self.state == "failed":
+            await self._engine.close()
+            self._engine, self.state, self._error = self._factory(), "unloaded", None
         await self.ensure_loaded()
 
     async def _load(self) -> None:

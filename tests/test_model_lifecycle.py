@@ -135,6 +135,22 @@ def test_offline_uses_the_cache_and_names_what_is_missing(tmp_path):
         missing.stop()
 
 
+def test_a_failed_model_loads_again_once_its_file_is_fixed(tmp_path):
+    path = tmp_path / "fixable.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    server = start_server(tmp_path, {"LLM_MODEL": str(path), **SMALL}, wait_ready=False)
+    try:
+        wait_for(lambda: model_state(server, "fixable") == "failed", 60, "failed")
+        assert chat(server, "fixable").status_code == 503
+        path.write_bytes(model_file().read_bytes())
+        loaded = httpx.post(f"{server.v1}/models/fixable/load", timeout=120)
+        assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
+        assert chat(server, "fixable").status_code == 200
+        assert httpx.get(server.base_url + "/ready").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_idle_unload_prewarm_and_explicit_unload(tmp_path):
     server = start_server(tmp_path, {"LLM_UNLOAD_AFTER_SECONDS": "2", **SMALL})
     try:
