@@ -53,7 +53,7 @@ def test_cloud_profile(monkeypatch):
     env = service["environment"]
     assert env["LLM_PORT"] == "8081" and env["LLM_HOST"] == "0.0.0.0"
     assert int(env["LLM_PARALLEL"]) >= 8 and int(env["LLM_MAX_QUEUE"]) >= 256
-    assert env["TENSOR_PARALLEL_SIZE"] == "4"
+    assert env["LLM_TENSOR_PARALLEL_SIZE"] == "4"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4318"
     assert "hf-cache:/cache/huggingface:rw" in service["volumes"] and "hf-cache" in config["volumes"]
     assert _gpu_reservation(service)["count"] == "all"
