@@ -14,6 +14,7 @@ from engines.base import EngineConfig
 from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
+from gateway.body_timeout import BodyTimeoutMiddleware
 from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
 from gateway.config import LocalTarget as LocalConfig
 from gateway.config import RemoteTarget as RemoteConfig
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, metrics_api):
         app.include_router(module.router)  # open without a key, for probes, balancers and scrapers
     install_error_handlers(app)
+    app.add_middleware(BodyTimeoutMiddleware, settings=settings)
     app.add_middleware(RequestIdMiddleware)
     return app
 

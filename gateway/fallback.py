@@ -60,11 +60,16 @@ def request_timeout(request: Request, requested: float | None, settings) -> floa
     if value is None:
         return settings.request_timeout
     try:
-        seconds = float(value)
+        return capped_timeout(value, settings)
     except ValueError:
-        seconds = math.nan
+        raise invalid_param("timeout", f"The timeout must be a positive number of seconds, got {value!r}.") from None
+
+
+def capped_timeout(value: float | str | bytes, settings) -> float:
+    """Seconds as asked, at most the maximum; ValueError unless a positive number."""
+    seconds = float(value)
     if not seconds > 0:
-        raise invalid_param("timeout", f"The timeout must be a positive number of seconds, got {value!r}.")
+        raise ValueError(value)
     return min(seconds, settings.max_request_timeout)
 
 

@@ -7,6 +7,7 @@ started here (tests/upstream.py) that refuses, fails, stalls or cuts streams.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
@@ -265,6 +266,20 @@ def test_timeout_gives_504_and_frees_the_engine(client, routed):
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "timeout_error"
     wait_idle(routed, within=10.0)
+
+
+def test_a_client_too_slow_to_send_its_body_gets_408(routed):
+    host, port = routed.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200\r\nx-request-timeout: 1\r\n\r\n" + b'{"model": "small",'
+        )  # and the remaining bytes never come
+        started = time.monotonic()
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408")
+    assert '"code":"timeout"' in reply
+    assert time.monotonic() - started < 10
 
 
 def long_stream(server, model: str, key: str):
