@@ -1,5 +1,6 @@
-"""Model files from a URL (LLM_MODEL_URL; a Hugging Face `.../resolve/main/<file>` URL works): downloaded
-with progress in the log, retried, verified against LLM_MODEL_CHECKSUM, and kept in LLM_MODELS_DIR.
+"""Model files from a URL or a hub id (LLM_MODEL_URL: `https://...`, or `hf://<owner>/<repo>/<file>` for a
+file on the Hugging Face hub, or on the mirror HF_ENDPOINT names): downloaded with progress in the log,
+retried, verified against LLM_MODEL_CHECKSUM, and kept in LLM_MODELS_DIR.
 
 A file already there (and matching the checksum, when one is given) is used without any network, so an
 offline machine serves what it has cached and says exactly which file is missing otherwise.
@@ -35,6 +36,7 @@ class ModelDownload:
 
     @classmethod
     def into(cls, models_dir: Path, url: str, **options) -> "ModelDownload":
+        url = hub_url(url)
         return cls(url=url, target=models_dir / unquote(Path(urlparse(url).path).name), **options)
 
     def ensure(self) -> Path:
@@ -89,6 +91,17 @@ class ModelDownload:
             raise DownloadError(f"checksum mismatch for {self.url}: sha256 {digest.hexdigest()}, expected {expected}")
         partial.replace(self.target)  # atomic: a partial file never looks complete
         log.info("downloaded %s (%d bytes)", self.target, done)
+
+
+def hub_url(url: str) -> str:
+    """hf://owner/repo/path/file.gguf → the hub's download URL for it (main revision); others unchanged."""
+    if not url.startswith("hf://"):
+        return url
+    parts = url.removeprefix("hf://").split("/")
+    if len(parts) < 3:
+        raise DownloadError(f"a hub id needs owner/repo/file: {url!r}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{parts[0]}/{parts[1]}/resolve/main/{'/'.join(parts[2:])}"
 
 
 def _progress(name: str, done: int, total: int, shown: int) -> int:

@@ -26,17 +26,18 @@ def model_file() -> Path:
 
 
 class FileServer(http.server.ThreadingHTTPServer):
-    """Serves one file slowly at /files/<name>, after failing the first `failures` requests with 503."""
+    """Serves one file slowly at `path` (/files/<name>), after failing the first `failures` requests with 503."""
 
-    def __init__(self, path: Path, failures: int = 0, seconds: float = 0.0):
+    def __init__(self, source: Path, failures: int = 0, seconds: float = 0.0, path: str | None = None):
         self.requests = 0
         server = self
-        payload = path.read_bytes()
+        payload = source.read_bytes()
+        served = path or f"/files/{source.name}"
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests += 1
-                if server.requests <= failures or self.path != f"/files/{path.name}":
+                if server.requests <= failures or self.path != served:
                     self.send_error(503 if server.requests <= failures else 404)
                     return
                 self.send_response(200)
@@ -52,7 +53,8 @@ class FileServer(http.server.ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/files/{path.name}"
+        self.root = f"http://127.0.0.1:{self.server_address[1]}"
+        self.url = self.root + served
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
@@ -94,6 +96,20 @@ def test_download_retries_verifies_and_answers_503_while_loading(tmp_path):
         assert downloaded.read_bytes() == source.read_bytes()
         assert not list((tmp_path / "models").glob("*.part"))
         assert '"message": "downloading ' in server.log() and "100%" in server.log()
+    finally:
+        server.stop()
+        files.shutdown()
+
+
+def test_a_hub_id_downloads_from_the_hub_endpoint(tmp_path):
+    source = model_file()
+    files = FileServer(source, path=f"/org/smol/resolve/main/{source.name}")
+    env = {"LLM_MODEL_URL": f"hf://org/smol/{source.name}", "HF_ENDPOINT": files.root,
+           "LLM_MODELS_DIR": str(tmp_path / "models"), **SMALL}  # fmt: skip
+    server = start_server(tmp_path, env)
+    try:
+        assert chat(server).status_code == 200 and files.requests == 1
+        assert (tmp_path / "models" / source.name).stat().st_size == source.stat().st_size
     finally:
         server.stop()
         files.shutdown()
