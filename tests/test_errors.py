@@ -12,6 +12,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 def post(server, path: str, body, **kwargs) -> httpx.Response:
+    kwargs.setdefault("timeout", 60)  # httpx's 5 s default is too short on a loaded 2-core CI runner
     if isinstance(body, (bytes, str)):
         return httpx.post(server.v1 + path, content=body, headers={"content-type": "application/json"}, **kwargs)
     return httpx.post(server.v1 + path, json=body, **kwargs)
