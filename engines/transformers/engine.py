@@ -1,0 +1,174 @@
+"""The transformers engine: any Hugging Face model (a directory, a repo id, or a GGUF file) in this process.
+
+A chat model generates through the worker thread; an encoder model (task "embed") only embeds. Both
+embed by mean-pooling the last hidden state and normalising, the sentence-transformers recipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+import llguidance.hf
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from engines.base import (
+    Delta,
+    Embeddings,
+    EngineConfig,
+    EngineInfo,
+    EngineNotReady,
+    Prompt,
+    SamplingParams,
+    UnsupportedFeature,
+)
+from engines.hf_prompts import HFPrompts
+from engines.transformers.sampling import TokenChooser, json_matcher
+from engines.transformers.worker import Worker, eos_ids
+from engines.worker_thread import deltas
+
+log = logging.getLogger(__name__)
+
+
+def _bitsandbytes(**options) -> dict:
+    return {"quantization_config": BitsAndBytesConfig(**options)}
+
+
+# LLM_QUANTIZATION → from_pretrained arguments; the bitsandbytes ones need CUDA.
+QUANTIZATIONS = {
+    None: lambda: {"dtype": "auto"},
+    "float16": lambda: {"dtype": torch.float16},
+    "bfloat16": lambda: {"dtype": torch.bfloat16},
+    "int8": lambda: _bitsandbytes(load_in_8bit=True),
+    "int4": lambda: _bitsandbytes(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+}
+NEEDS_CUDA = {"int8", "int4"}
+
+
+class TransformersEngine(HFPrompts):
+    name = "transformers"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._quantization = config.options.get("quantization")
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Configuration mistakes stop start-up here, before the server listens.
+        if self._quantization not in QUANTIZATIONS:
+            choices = ", ".join(q for q in QUANTIZATIONS if q)
+            raise ValueError(f"LLM_QUANTIZATION={self._quantization!r} is not one the transformers engine knows ({choices})")
+        if self._quantization in NEEDS_CUDA and self._device != "cuda":
+            raise ValueError(f"LLM_QUANTIZATION={self._quantization} needs bitsandbytes on a CUDA GPU; none is visible")
+        self._state = "loading"
+        self._error: str | None = None
+        self._model = None
+        self._tokenizer = None
+        self._grammar_tokenizer = None
+        self._worker: Worker | None = None
+
+    @property
+    def _embeds_only(self) -> bool:
+        return self.config.options.get("task") == "embed"
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        try:
+            await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:
+            self._state, self._error = "failed", str(exc)
+            raise
+        config = self.config
+        self._worker = Worker(self._model, self._tokenizer, slots=config.parallel,
+                              context_length=config.context_length, max_waiting=config.max_waiting)  # fmt: skip
+        self._state = "ready"
+
+    def _load_blocking(self) -> None:
+        path = Path(self.config.model_path)
+        # A GGUF file is read by transformers itself (dequantised); anything else is a directory or repo id.
+        source, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path), {})
+        extra["trust_remote_code"] = bool(self.config.options.get("trust_remote_code"))
+        self._tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        if not self._embeds_only and not self._tokenizer.chat_template:
+            raise ValueError(f"{path} has no chat template: only instruction-tuned models can serve chat")
+        model_class = AutoModel if self._embeds_only else AutoModelForCausalLM
+        placement = {"device_map": self._device} if self._device == "cuda" else {}
+        model = model_class.from_pretrained(source, **extra, **placement, **QUANTIZATIONS[self._quantization]())
+        self._model = model.eval()
+        if not self._embeds_only:
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos_ids(model, self._tokenizer))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.stop)
+            self._worker = None
+        self._model = None
+        self._state = "closed"
+
+    def info(self) -> EngineInfo:
+        worker, model = self._worker, self._model
+        return EngineInfo(
+            engine=self.name,
+            model=self.config.served_name,
+            device=self._device,
+            state=self._state,
+            context_length=self._window(),
+            embedding_dimensions=model.config.hidden_size if model is not None else None,
+            memory_bytes=model.get_memory_footprint() if model is not None else 0,
+            running=worker.running if worker else 0,
+            waiting=worker.waiting if worker else 0,
+            error=self._error,
+        )
+
+    def _window(self) -> int:
+        """Tokens a request may use: LLM_CTX, capped by the positions the model was trained on."""
+        trained = getattr(self._model.config, "max_position_embeddings", None) if self._model is not None else None
+        return min(self.config.context_length, trained or self.config.context_length)
+
+    def _require_ready(self, generating: bool = True) -> Worker:
+        if self._state != "ready" or self._worker is None:
+            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
+        if generating and self._embeds_only:
+            raise UnsupportedFeature(
+                f"model {self.config.served_name!r} is an embedding model; use /v1/embeddings", param="model"
+            )
+        return self._worker
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        worker = self._require_ready()
+        chooser = await asyncio.to_thread(self._chooser, params)
+        sequence = worker.submit(prompt.token_ids, params, chooser)
+        async for delta in deltas(sequence, worker):
+            yield delta
+
+    def _chooser(self, params: SamplingParams) -> TokenChooser:
+        matcher = None
+        if params.json_schema is not None:
+            try:
+                matcher = json_matcher(self._grammar_tokenizer, params.json_schema)
+            except ValueError as exc:
+                raise UnsupportedFeature(str(exc), param="response_format") from None
+        vocab = self._model.get_output_embeddings().weight.shape[0]
+        eos = eos_ids(self._model, self._tokenizer)
+        return TokenChooser(params, vocab, eos, matcher, self._model.device)
+
+    # ---- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        worker = self._require_ready(generating=False)
+        if not self._embeds_only and not self.config.embedding:
+            raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
+        token_lists = await self._embedding_inputs(inputs, self._window())
+        vectors = await worker.call(lambda: [self._embed_one(tokens) for tokens in token_lists])
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(t) for t in token_lists))
+
+    @torch.inference_mode()
+    def _embed_one(self, tokens: list[int]) -> list[float]:
+        """Mean of the last hidden states, L2-normalised; runs on the worker thread."""
+        output = self._model(input_ids=torch.tensor([tokens], device=self._model.device), output_hidden_states=True)
+        pooled = output.hidden_states[-1][0].float().mean(dim=0)
+        return torch.nn.functional.normalize(pooled, dim=0).tolist()

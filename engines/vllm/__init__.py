@@ -1,0 +1,3 @@
+from engines.vllm.engine import VllmEngine
+
+__all__ = ["VllmEngine"]

