@@ -1,4 +1,8 @@
-"""Test servers are real: `python -m gateway serve` on a free loopback port with the real default model."""
+"""Test servers are real: `python -m gateway serve` on a free loopback port with the real default model.
+
+The contract suite runs once per engine: the `server` fixture is parametrised over ENGINES (narrow it
+with LLM_TEST_ENGINES=llamacpp,transformers). Only engine-specific facts differ, in `EngineUnderTest`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -16,7 +20,33 @@ from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
-STARTUP_SECONDS = 180
+STARTUP_SECONDS = 420  # vLLM on two busy cores spawns its engine processes and loads two models
+
+
+@dataclass(frozen=True)
+class EngineUnderTest:
+    name: str
+    python: Path  # vLLM lives in its own virtualenv (`make setup-vllm`)
+    embedding_model: str  # the name /v1/embeddings answers to
+    embedding_dimensions: int
+    env: dict[str, str] = field(default_factory=dict)
+    needs: str = ""  # a module the engine imports, to tell a missing install from a failure
+
+    def missing(self) -> str | None:
+        if not self.python.exists():
+            return f"{self.python} is missing: run `make setup`"
+        probe = subprocess.run([str(self.python), "-c", f"import {self.needs}"], capture_output=True)
+        return f"{self.needs} is not installed for {self.python}: run `make setup`" if probe.returncode else None
+
+
+ENGINES = {
+    "llamacpp": EngineUnderTest("llamacpp", Path(sys.executable), MODEL, 576, needs="llama_cpp"),
+    "transformers": EngineUnderTest("transformers", Path(sys.executable), "all-minilm-l6-v2", 384, needs="transformers"),
+    # Eager mode: torch.compile of the model costs minutes on two cores and buys little for 135M parameters.
+    "vllm": EngineUnderTest("vllm", ROOT / ".venv-vllm" / "bin" / "python", "all-minilm-l6-v2", 384,
+                            env={"LLM_ENFORCE_EAGER": "true"}, needs="vllm"),  # fmt: skip
+}
+SELECTED = [name for name in os.environ.get("LLM_TEST_ENGINES", ",".join(ENGINES)).split(",") if name]
 
 
 def free_port() -> int:
@@ -30,6 +60,7 @@ class Server:
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    engine: EngineUnderTest = ENGINES["llamacpp"]
 
     @property
     def v1(self) -> str:
@@ -52,15 +83,19 @@ class Server:
             self.process.kill()
 
 
-def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: bool = True) -> Server:
+def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: bool = True,
+                 engine: EngineUnderTest = ENGINES["llamacpp"]) -> Server:  # fmt: skip
     port = free_port()
     log_path = tmp_dir / f"gateway-{port}.log"
-    environment = {**os.environ, "LLM_HOST": "127.0.0.1", "LLM_PORT": str(port), "LLM_THREADS": "2", **(env or {})}
+    environment = {
+        **os.environ, "LLM_HOST": "127.0.0.1", "LLM_PORT": str(port), "LLM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+        "LLM_ENGINE": engine.name, **engine.env, **(env or {}),
+    }  # fmt: skip
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"], cwd=ROOT, env=environment, stdout=log_file, stderr=log_file
+            [str(engine.python), "-m", "gateway", "serve"], cwd=ROOT, env=environment, stdout=log_file, stderr=log_file
         )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, engine)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -75,9 +110,16 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
     raise RuntimeError(f"gateway not ready after {STARTUP_SECONDS}s:\n{server.log()}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    instance = start_server(tmp_path_factory.mktemp("server"))
+@pytest.fixture(scope="session", params=SELECTED)
+def server(request, tmp_path_factory) -> Server:
+    """One gateway per engine; pytest runs every test on one engine before it starts the next."""
+    engine = ENGINES[request.param]
+    reason = engine.missing()
+    if reason and os.environ.get("CI"):
+        pytest.fail(reason)  # CI installs every engine: a missing one is a broken set-up, not a skip
+    if reason:
+        pytest.skip(reason)
+    instance = start_server(tmp_path_factory.mktemp(f"server-{engine.name}"), engine=engine)
     yield instance
     instance.stop()
 

@@ -148,7 +148,7 @@ def test_message_forms(client):
 
 def test_json_object_mode_returns_json(client):
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
+        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with the name and age of a cat."}],
         response_format={"type": "json_object"}, max_tokens=200, seed=3, frequency_penalty=0.5,
     )  # fmt: skip
     choice = reply.choices[0]

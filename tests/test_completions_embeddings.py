@@ -58,31 +58,35 @@ def test_completion_stop(client):
     assert " 9" not in reply.choices[0].text
 
 
-def test_embeddings_float_and_base64_agree(client):
+def test_embeddings_float_and_base64_agree(server, client):
+    model, dimensions = server.engine.embedding_model, server.engine.embedding_dimensions
     texts = ["a cat sat on the mat", "stock markets fell today"]
-    floats = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
     assert [d.index for d in floats.data] == [0, 1]
     vectors = np.array([d.embedding for d in floats.data])
-    assert vectors.shape == (2, 576)
+    assert vectors.shape == (2, dimensions)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     assert floats.usage.prompt_tokens == floats.usage.total_tokens > 4
-    raw = client.embeddings.create(model=MODEL, input=texts, encoding_format="base64")
+    raw = client.embeddings.create(model=model, input=texts, encoding_format="base64")
     decoded = np.array([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data])
     assert np.allclose(decoded, vectors, atol=1e-6)
-    default = client.embeddings.create(model=MODEL, input=texts[0])  # the SDK asks for base64 and decodes it
+    default = client.embeddings.create(model=model, input=texts[0])  # the SDK asks for base64 and decodes it
     assert np.allclose(default.data[0].embedding, vectors[0], atol=1e-6)
 
 
-def test_embeddings_are_deterministic_and_meaningful(client):
-    first = client.embeddings.create(model=MODEL, input="hello world", dimensions=576).data[0].embedding
-    again = client.embeddings.create(model=MODEL, input=["hello world"]).data[0].embedding
-    other = client.embeddings.create(model=MODEL, input="quantum chromodynamics").data[0].embedding
+def test_embeddings_are_deterministic_and_meaningful(server, client):
+    model = server.engine.embedding_model
+    first = client.embeddings.create(model=model, input="hello world", dimensions=server.engine.embedding_dimensions)
+    first = first.data[0].embedding
+    again = client.embeddings.create(model=model, input=["hello world"]).data[0].embedding
+    other = client.embeddings.create(model=model, input="quantum chromodynamics").data[0].embedding
     assert np.allclose(first, again, atol=1e-6)
     assert not np.allclose(first, other, atol=1e-3)
 
 
-def test_embeddings_token_input(client):
-    reply = client.embeddings.create(model=MODEL, input=[[1, 2, 3], [4, 5]], encoding_format="float")
+def test_embeddings_token_input(server, client):
+    model = server.engine.embedding_model
+    reply = client.embeddings.create(model=model, input=[[1, 2, 3], [4, 5]], encoding_format="float")
     assert len(reply.data) == 2 and reply.usage.prompt_tokens == 5
 
 
