@@ -147,9 +147,11 @@ def test_message_forms(client):
 
 
 def test_json_object_mode_returns_json(client):
+    # Greedy: sampled at temperature 1, a 135M model often rambles inside one JSON string past any token
+    # budget (the grammar cannot end a string for it); greedy answers this prompt in about 30 tokens.
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with the name and age of a cat."}],
-        response_format={"type": "json_object"}, max_tokens=200, seed=3, frequency_penalty=0.5,
+        response_format={"type": "json_object"}, max_tokens=200, temperature=0,
     )  # fmt: skip
     choice = reply.choices[0]
     assert choice.finish_reason == "stop", choice.message.content
