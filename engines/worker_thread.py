@@ -11,14 +11,14 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
-from engines.base import Delta, EngineError, EngineOverloaded
+from engines.base import Delta, EngineError, EngineOverloaded, UnsupportedFeature
 
 
 class WorkerThread:
     """Subclasses implement `_run` (the thread's loop) and keep their running sequences in `_running`."""
 
-    def __init__(self, name: str, max_waiting: int):
-        self._max_waiting = max_waiting
+    def __init__(self, name: str, capacity: int):
+        self._capacity = capacity  # running plus waiting sequences; beyond it, 503
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque = deque()
         self._running: list = []
@@ -43,8 +43,10 @@ class WorkerThread:
         return self._submitted - self._admitted
 
     def _enqueue(self, sequence) -> None:
-        if self.waiting >= self._max_waiting:
-            raise EngineOverloaded(f"{self._thread.name} already has {self.waiting} requests waiting")
+        if self.running + self.waiting >= self._capacity:
+            raise EngineOverloaded(
+                f"the {self._thread.name} is full: {self.running} requests running, {self.waiting} waiting"
+            )
         self._submitted += 1
         self._inbox.put(sequence)
 
@@ -92,6 +94,8 @@ async def deltas(sequence, worker: WorkerThread) -> AsyncIterator[Delta]:
     try:
         while True:
             item = await sequence.inbox.get()
+            if isinstance(item, ValueError):  # what a worker says of settings it cannot run (a bad grammar)
+                raise UnsupportedFeature(str(item), param="response_format")
             if isinstance(item, BaseException):
                 raise EngineError(f"generation failed: {item}")
             yield item

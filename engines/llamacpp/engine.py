@@ -16,7 +16,6 @@ from engines.base import (
     Delta,
     Embeddings,
     EngineConfig,
-    EngineError,
     EngineInfo,
     EngineNotReady,
     Prompt,
@@ -25,6 +24,7 @@ from engines.base import (
 )
 from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, route_native_logs
 from engines.llamacpp.scheduler import Scheduler
+from engines.worker_thread import deltas
 
 log = logging.getLogger(__name__)
 MAX_EMBEDDING_TOKENS = 512
@@ -192,20 +192,8 @@ class LlamaCppEngine:
         scheduler = self._require_ready()
         grammar = await asyncio.to_thread(json_grammar, params.json_schema) if params.json_schema is not None else None
         sequence = scheduler.submit(prompt.token_ids, params, grammar)
-        try:
-            while True:
-                item = await sequence.inbox.get()
-                if isinstance(item, ValueError):
-                    raise UnsupportedFeature(str(item), param="response_format")
-                if isinstance(item, BaseException):
-                    raise EngineError(f"generation failed: {item}")
-                yield item
-                if item.finish_reason:
-                    return
-        finally:
-            if not sequence.cancelled:
-                sequence.cancel()
-                scheduler.wake()
+        async for delta in deltas(sequence, scheduler):
+            yield delta
 
     # ---- embeddings ------------------------------------------------------------------------
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-import queue
-import threading
-from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import llama_cpp
 
-from engines.base import Delta, EngineOverloaded, SamplingParams, TokenLogprob
+from engines.base import Delta, SamplingParams, TokenLogprob
 from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax
 from engines.text import StopMatcher
+from engines.worker_thread import WorkerThread
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ class Sequence:
         self.cancelled = True
 
 
-class Scheduler:
+class Scheduler(WorkerThread):
     def __init__(
         self,
         ctx,
@@ -57,57 +54,25 @@ class Scheduler:
         context_length: int,
         max_waiting: int,
     ):
+        # Capacity counts running plus waiting, so max_waiting=0 still fills the slots.
+        super().__init__("llama.cpp engine", slots + max_waiting)
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
         self._batch = Batch(batch_size)
         self._context_length = context_length
-        self._capacity = slots + max_waiting  # running plus waiting, so max_waiting=0 still fills the slots
         self._free_slots = list(range(slots))
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
-        self._outbox: list[tuple[asyncio.Queue, Any]] = []
-        self._submitted = 0  # written by the event loop only
-        self._admitted = 0  # written by the worker only
-        self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
     # ---- event-loop side -------------------------------------------------------------------
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return self._submitted - self._admitted
-
     def submit(self, tokens: list[int], params: SamplingParams, grammar: str | None) -> Sequence:
-        if self.running + self.waiting >= self._capacity:
-            raise EngineOverloaded(
-                f"the llama.cpp engine is full: {self.running} requests running, {self.waiting} waiting"
-            )
         sequence = Sequence(list(tokens), params, grammar, asyncio.Queue())
-        self._submitted += 1
-        self._inbox.put(sequence)
+        self._enqueue(sequence)
         return sequence
 
-    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """Run `fn` on the worker thread between decode steps (for embeddings and other context work)."""
-        future: Future = Future()
-        self._inbox.put((fn, future))
-        return asyncio.wrap_future(future)
-
-    def wake(self) -> None:
-        self._inbox.put(None)
-
     def stop(self) -> None:
-        self._stopping = True
-        self.wake()
-        self._thread.join(timeout=30)
+        super().stop()
         self._batch.free()
 
     # ---- worker side -----------------------------------------------------------------------
@@ -128,28 +93,6 @@ class Scheduler:
         for sequence in list(self._running) + list(self._waiting):
             self._fail(sequence, RuntimeError("the engine is shutting down"))
         self._flush_outbox()
-
-    def _take_inbox(self, block: bool) -> None:
-        items = [self._inbox.get()] if block else []
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        for item in items:
-            if isinstance(item, Sequence):
-                self._waiting.append(item)
-            elif isinstance(item, tuple):
-                self._run_job(*item)
-
-    @staticmethod
-    def _run_job(fn: Callable[[], Any], future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self._running if s.cancelled]:
@@ -246,16 +189,3 @@ class Scheduler:
         if sequence in self._running:
             self._release(sequence)
         self._send(sequence, error)
-
-    def _send(self, sequence: Sequence, item: Any) -> None:
-        self._outbox.append((sequence.inbox, item))
-
-    def _flush_outbox(self) -> None:
-        if self._outbox:
-            items, self._outbox = self._outbox, []
-            self._loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for inbox, item in items:
-        inbox.put_nowait(item)

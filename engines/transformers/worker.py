@@ -64,7 +64,7 @@ class Sequence:
 
 class Worker(WorkerThread):
     def __init__(self, model, tokenizer, *, slots: int, context_length: int, max_waiting: int):
-        super().__init__("transformers-worker", max_waiting)
+        super().__init__("transformers worker", slots + max_waiting)  # max_waiting=0 still fills the slots
         self._model = model
         self._tokenizer = tokenizer
         self._eos = set(eos_ids(model, tokenizer))
