@@ -41,10 +41,12 @@ class EngineUnderTest:
 
 ENGINES = {
     "llamacpp": EngineUnderTest("llamacpp", Path(sys.executable), MODEL, 576, needs="llama_cpp"),
-    "transformers": EngineUnderTest("transformers", Path(sys.executable), "all-minilm-l6-v2", 384, needs="transformers"),
+    # Local model files only: no hub look-ups (HF_HUB_OFFLINE would also stop the gateway's own downloads).
+    "transformers": EngineUnderTest("transformers", Path(sys.executable), "all-minilm-l6-v2", 384,
+                                    env={"HF_HUB_OFFLINE": "1"}, needs="transformers"),  # fmt: skip
     # Eager mode: torch.compile of the model costs minutes on two cores and buys little for 135M parameters.
     "vllm": EngineUnderTest("vllm", ROOT / ".venv-vllm" / "bin" / "python", "all-minilm-l6-v2", 384,
-                            env={"LLM_ENFORCE_EAGER": "true"}, needs="vllm"),  # fmt: skip
+                            env={"LLM_ENFORCE_EAGER": "true", "HF_HUB_OFFLINE": "1"}, needs="vllm"),  # fmt: skip
 }
 SELECTED = [name for name in os.environ.get("LLM_TEST_ENGINES", ",".join(ENGINES)).split(",") if name]
 
@@ -88,7 +90,7 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
     port = free_port()
     log_path = tmp_dir / f"gateway-{port}.log"
     environment = {
-        **os.environ, "LLM_HOST": "127.0.0.1", "LLM_PORT": str(port), "LLM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+        **os.environ, "LLM_HOST": "127.0.0.1", "LLM_PORT": str(port), "LLM_THREADS": "2",
         "LLM_ENGINE": engine.name, **engine.env, **(env or {}),
     }  # fmt: skip
     with open(log_path, "wb") as log_file:
