@@ -22,7 +22,7 @@ LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 ENGINE_SETUP_vllm := setup-vllm models-hf
 ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm models models-hf run test clean compose-tool load-test
+.PHONY: setup setup-vllm models models-hf run test bench clean compose-tool load-test
 
 setup: $(STAMP) models setup-vllm models-hf
 
@@ -66,3 +66,17 @@ load-test: setup
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) models .pytest_cache
+
+
+# Benchmarks (docs/BENCHMARKS.md): bench-only packages, and llama-server built once into BENCH_CACHE
+# from the llama.cpp source vendored in the same llama-cpp-python sdist, with the same CPU flags.
+BENCH_CACHE ?= $(HOME)/.cache/llm-gateway
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --progress-bar off -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP) models
+	$(PY) scripts/bench_llamacpp.py \
+		--llama-server "$$(scripts/build_llama_server.sh $(BENCH_CACHE) $(VENV)/bin/pip $(LLAMA_CMAKE_ARGS))"

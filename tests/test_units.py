@@ -1,4 +1,4 @@
-"""Unit tests for the pure pieces: stop matching, error params, the registry, the CLI and settings."""
+"""Unit tests for the pure pieces: stop matching, batch order, error params, the registry, the CLI and settings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import asyncio
+
 from engines.base import SamplingParams
+from engines.llamacpp.scheduler import Sequence, _batch_order
 from engines.text import StopMatcher
 from gateway.cli import parse_args
 from gateway.errors import APIError, _param_from_location
@@ -42,6 +45,17 @@ def test_stop_matcher_cuts_across_pieces():
 def test_stop_matcher_picks_the_earliest_stop():
     text, stopped = StopMatcher(["b", "a"]).feed("xxabxx")
     assert (text, stopped) == ("xx", True)
+
+
+def test_batch_puts_decoding_sequences_in_slot_order_then_prompts_in_arrival_order():
+    # llama.cpp keeps one micro-batch only while sequence ids rise by one: slot order is what makes
+    # a decode step one pass over the weights instead of one per sequence.
+    def sequence(slot: int, prompt: int, cached: int) -> Sequence:
+        return Sequence([1] * prompt, SamplingParams(max_tokens=4), None, asyncio.Queue(), slot=slot, n_cached=cached)
+
+    arrivals = [sequence(3, 5, 4), sequence(7, 9, 0), sequence(0, 6, 5), sequence(2, 4, 0), sequence(1, 8, 7)]
+    ordered = sorted(arrivals, key=_batch_order)
+    assert [s.slot for s in ordered] == [0, 1, 3, 7, 2]
 
 
 def test_stop_matcher_without_stops_passes_everything():

@@ -46,6 +46,7 @@ class Vocab:
         self.bos = llama_cpp.llama_vocab_bos(self.ptr)
         self.eos = llama_cpp.llama_vocab_eos(self.ptr)
         self.eog_ids = [t for t in (self.eos, llama_cpp.llama_vocab_eot(self.ptr)) if t >= 0]
+        self._pieces: dict[tuple[int, bool], bytes] = {}  # token pieces never change; writes race harmlessly
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
@@ -59,6 +60,14 @@ class Vocab:
         return list(buffer[:count])
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The token's bytes; cached, since the scheduler asks for one per generated token."""
+        key = (token, special)
+        cached = self._pieces.get(key)
+        if cached is None:
+            cached = self._pieces[key] = self._piece(token, special)
+        return cached
+
+    def _piece(self, token: int, special: bool) -> bytes:
         buffer = ctypes.create_string_buffer(64)
         size = llama_cpp.llama_token_to_piece(self.ptr, token, buffer, len(buffer), 0, special)
         if size < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import heapq
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -61,7 +62,7 @@ class Scheduler(WorkerThread):
         self._vocab = vocab
         self._batch = Batch(batch_size)
         self._context_length = context_length
-        self._free_slots = list(range(slots))
+        self._free_slots = list(range(slots))  # a heap: the lowest free slot is used first
         self._thread.start()
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Scheduler(WorkerThread):
             except Exception as exc:  # the sequence must hear about it, or its client waits forever
                 self._send(sequence, exc)
                 continue
-            sequence.slot = self._free_slots.pop()
+            sequence.slot = heapq.heappop(self._free_slots)
             sequence.stops = StopMatcher(sequence.params.stop)
             self._running.append(sequence)
 
@@ -118,8 +119,12 @@ class Scheduler(WorkerThread):
         batch = self._batch
         batch.clear()
         outputs: list[tuple[Sequence, int]] = []
-        # Decoding sequences first (one token each), then prompt chunks in arrival order.
-        ordered = sorted(self._running, key=lambda s: len(s.tokens) - s.n_cached > 1)
+        # Decoding sequences first (one token each) in slot order, then prompt chunks in arrival order.
+        # llama.cpp puts tokens of several sequences into one micro-batch only while their sequence
+        # ids rise by one (non-unified KV cache); any other order splits the step into one
+        # micro-batch per sequence, each a full pass over the weights. Low slots are handed out
+        # first, so the running sequences' slots stay contiguous.
+        ordered = sorted(self._running, key=_batch_order)
         chunks: list[tuple[Sequence, int]] = []
         for sequence in ordered:
             room = batch.capacity - batch.size
@@ -183,9 +188,14 @@ class Scheduler(WorkerThread):
         llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
         llama_cpp.llama_sampler_free(sequence.sampler)
         self._running.remove(sequence)
-        self._free_slots.append(sequence.slot)
+        heapq.heappush(self._free_slots, sequence.slot)
 
     def _fail(self, sequence: Sequence, error: Exception) -> None:
         if sequence in self._running:
             self._release(sequence)
         self._send(sequence, error)
+
+
+def _batch_order(sequence: Sequence) -> tuple[bool, int]:
+    prefilling = len(sequence.tokens) - sequence.n_cached > 1
+    return prefilling, 0 if prefilling else sequence.slot

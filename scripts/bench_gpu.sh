@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Benchmark 1 on the GPU machine (device tool): builds the vendored llama.cpp once with CUDA (its shared
+# libraries serve llama-cpp-python through LLAMA_CPP_LIB_PATH, and llama-server comes from the same
+# build), makes a random-weight 1 B Llama, then runs scripts/bench_llamacpp.py with every layer on the GPU.
+# Needs, in $CARRY: llama-src.tar.gz (the trimmed llama-cpp-python sdist), whl/ (the gateway's wheels for
+# Python 3.12), smollm2-vocab.gguf (the default model's tokenizer metadata). Re-runnable: finished steps
+# are skipped, and steps still running in the background when the call's time is up are waited for.
+set -uo pipefail
+CARRY=${CARRY:?}; WORK=${WORK:-/root/gpu}; OUT=${OUT:-/tmp/out}; DEADLINE=$((SECONDS + ${BUDGET_S:-500}))
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SRC=$WORK/llama_cpp_python-0.3.36; BUILD=$WORK/build; MODEL=$WORK/model/random-llama-1b-f16.gguf
+mkdir -p "$WORK" "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; grep -m1 "model name" /proc/cpuinfo
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site6 "$CARRY"/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site6:$SRC LLAMA_CPP_LIB_PATH=$BUILD/bin PYTHONUNBUFFERED=1
+# The libraries are built with the image's /opt/gcc; a Python extension loaded earlier can bring an older
+# libstdc++ whose locale facets crash std::regex in llama.cpp's tokenizer: load the compiler's own first.
+export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
+[ -d "$SRC" ] || tar -xzf "$CARRY/llama-src.tar.gz" -C "$WORK"
+
+start_bg() {  # name, command: runs detached so that it outlives this call; writes $WORK/name.done when over
+  [ -e "$WORK/$1.started" ] && return; touch "$WORK/$1.started"
+  setsid bash -c "$2 > $WORK/$1.log 2>&1; echo \$? > $WORK/$1.done" < /dev/null &
+}
+start_bg build "cmake -S $SRC/vendor/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+  -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+  && cmake --build $BUILD --target llama llama-server -j $(nproc)"
+start_bg model "python3 $REPO/scripts/make_random_model.py $CARRY/smollm2-vocab.gguf $SRC/vendor/llama.cpp $WORK/model"
+while [ ! -e "$WORK/build.done" ] || [ ! -e "$WORK/model.done" ]; do
+  if [ $SECONDS -ge $DEADLINE ]; then echo "still building; call again"; tail -n 3 "$WORK"/*.log; exit 3; fi
+  sleep 5
+done
+for step in build model; do
+  if [ "$(cat "$WORK/$step.done")" != 0 ]; then echo "$step failed"; tail -n 40 "$WORK/$step.log"; exit 1; fi
+done
+echo "build and model ready after ${SECONDS}s"; ls -la "$BUILD/bin" | head -20
+cd "$REPO" && python3 scripts/bench_llamacpp.py --model "$MODEL" --llama-server "$BUILD/bin/llama-server" \
+  --gpu-layers 99 --threads 8 --ctx 1024 --parallel 16 --reps "${REPS:-3}" --name bench_llamacpp_gpu "$@"
+status=$?
+cp bench-results/bench_llamacpp_gpu.* "$OUT"/ 2>/dev/null
+mkdir -p "$OUT/logs" && cp "$(ls -td /tmp/bench-llamacpp-* | head -1)"/*.log "$OUT/logs/"
+exit $status
