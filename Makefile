@@ -22,7 +22,7 @@ LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 ENGINE_SETUP_vllm := setup-vllm models-hf
 ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm models models-hf run test bench clean compose-tool load-test
+.PHONY: setup setup-vllm models models-hf run test bench bench-overhead bench-memory clean compose-tool load-test
 
 setup: $(STAMP) models setup-vllm models-hf
 
@@ -80,3 +80,17 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP) models
 	$(PY) scripts/bench_llamacpp.py \
 		--llama-server "$$(scripts/build_llama_server.sh $(BENCH_CACHE) $(VENV)/bin/pip $(LLAMA_CMAKE_ARGS))"
+
+# Benchmark 3 relays to nginx (Debian) and compares with LiteLLM's proxy, kept in its own virtualenv.
+LITELLM_VENV := $(BENCH_CACHE)/litellm-venv
+
+$(LITELLM_VENV)/bin/litellm:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]'
+
+bench-overhead: $(BENCH_STAMP) $(LITELLM_VENV)/bin/litellm
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq nginx wrk
+	$(PY) scripts/bench_overhead.py --litellm $(LITELLM_VENV)/bin/litellm
+
+bench-memory: $(BENCH_STAMP) models
+	$(PY) scripts/bench_memory.py

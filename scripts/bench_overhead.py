@@ -1,0 +1,148 @@
+"""Benchmark 3: what the gateway adds when it only relays. nginx answers every chat completion with a
+fixed JSON body (no model); wrk drives it directly, through the gateway (a remote `openai` target), and
+through the LiteLLM proxy, at several concurrencies, alternating, several repetitions. Added latency is
+the relay's p50/p99 minus the direct p50/p99 of the same repetition.
+
+Needs nginx and wrk on PATH (Debian packages) and LiteLLM's proxy in its own virtualenv (--litellm,
+the `litellm` executable; the Makefile's `bench-overhead` target makes one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import Service, exit_on_sigterm, machine, markdown_table, median, stop_all, write_result  # noqa: E402
+
+REPLY = {
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "fixed",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+}  # fmt: skip
+REQUEST = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+
+
+def nginx(work: Path) -> Service:
+    service = Service("direct", [], "/health")
+    conf = work / "nginx.conf"
+    body = json.dumps(REPLY).replace("'", "\\'")
+    conf.write_text(
+        f"worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx-error.log;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{ access_log off; client_body_temp_path {work}; server {{ listen 127.0.0.1:{service.port};\n"
+        "  location /health { return 200 'ok'; }\n"
+        f"  location / {{ default_type application/json; return 200 '{body}'; }} }} }}\n"
+    )
+    service.command = ["nginx", "-c", str(conf), "-p", str(work), "-g", "daemon off;"]
+    return service
+
+
+def gateway(work: Path, upstream: Service) -> Service:
+    config = work / "gateway.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "targets": {"upstream": {"type": "openai", "base_url": upstream.base_url + "/v1", "model": "fixed"}},
+        "models": {"bench": {"targets": ["upstream"]}},
+    }))  # fmt: skip
+    service = Service("gateway", [sys.executable, "-m", "gateway", "serve"], "/health", '"status":"ok"')
+    service.env = {"LLM_CONFIG": str(config), "LLM_PORT": str(service.port), "LLM_LOG_LEVEL": "warning"}
+    return service
+
+
+def litellm(work: Path, upstream: Service, executable: str) -> Service:
+    config = work / "litellm.yaml"
+    config.write_text(json.dumps({"model_list": [{"model_name": "bench", "litellm_params": {
+        "model": "openai/fixed", "api_base": upstream.base_url + "/v1", "api_key": "none"}}]}))  # fmt: skip
+    service = Service("litellm", [], "/health/liveliness")
+    service.command = [executable, "--config", str(config), "--host", "127.0.0.1", "--port", str(service.port),
+                       "--num_workers", "1"]  # fmt: skip
+    service.env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+                   "LITELLM_LOG": "ERROR"}  # fmt: skip
+    return service
+
+
+def warm_up(service: Service) -> None:
+    """One request first: LiteLLM imports and builds much of itself on its first call."""
+    request = urllib.request.Request(
+        service.base_url + "/v1/chat/completions", json.dumps(REQUEST).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        response.read()
+
+
+def wrk(url: str, concurrency: int, seconds: int, script: Path) -> dict:
+    threads = 1 if concurrency == 1 else 2
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _latency(out, "50"),
+        "p99_ms": _latency(out, "99"),
+        "errors": "Non-2xx" in out or "Socket errors" in out,
+    }
+
+
+def _latency(out: str, pct: str) -> float:
+    found = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)$", out, re.M)
+    if found is None:  # wrk prints no distribution when too few requests completed
+        return float("nan")
+    value, unit = found.groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def summarize(raw: dict) -> list[list]:
+    rows = []
+    for concurrency, runs in raw.items():
+        direct = {k: median([r["direct"][k] for r in runs]) for k in ("rps", "p50_ms", "p99_ms")}
+        for name in runs[0]:
+            figures = {k: median([r[name][k] for r in runs]) for k in ("rps", "p50_ms", "p99_ms")}
+            added = "" if name == "direct" else f"{figures['p50_ms'] - direct['p50_ms']:.2f}"
+            added99 = "" if name == "direct" else f"{figures['p99_ms'] - direct['p99_ms']:.2f}"
+            rows.append([concurrency, name, figures["rps"], figures["p50_ms"], figures["p99_ms"], added, added99])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--litellm", help="the litellm executable of its own virtualenv (omit to skip it)")
+    parser.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    exit_on_sigterm()
+    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    script = work / "post.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.body = [[{json.dumps(REQUEST)}]]\nwrk.headers["Content-Type"] = "application/json"\n'
+    )
+    upstream = nginx(work)
+    services = [upstream, gateway(work, upstream)] + ([litellm(work, upstream, args.litellm)] if args.litellm else [])
+    raw: dict = {c: [] for c in args.concurrency}
+    try:
+        for service in services:
+            service.start(work)
+            warm_up(service)
+        for rep in range(args.reps):
+            for concurrency in args.concurrency:
+                run = {}
+                for service in services[rep % len(services) :] + services[: rep % len(services)]:
+                    run[service.name] = wrk(service.base_url + "/v1/chat/completions", concurrency, args.seconds, script)
+                    print(f"rep {rep + 1} c={concurrency:>2} {service.name:<8} {run[service.name]}", flush=True)
+                raw[concurrency].append({s.name: run[s.name] for s in services})
+    finally:
+        stop_all(services)
+    header = ["connections", "server", "requests/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"]
+    table = markdown_table(header, summarize(raw))
+    write_result("bench_overhead", {"machine": machine(), "settings": vars(args), "raw": raw}, table)
+
+
+if __name__ == "__main__":
+    main()
