@@ -91,6 +91,9 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
     log_path = tmp_dir / f"gateway-{port}.log"
     environment = {
         **os.environ, "LLM_HOST": "127.0.0.1", "LLM_PORT": str(port), "LLM_THREADS": "2",
+        # Shared 2-core machines can stretch a test's requests past the 60 s default; the timeout
+        # tests set their own.
+        "LLM_REQUEST_TIMEOUT": "300",
         "LLM_ENGINE": engine.name, **engine.env, **(env or {}),
     }  # fmt: skip
     with open(log_path, "wb") as log_file:
