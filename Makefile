@@ -22,7 +22,7 @@ LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 ENGINE_SETUP_vllm := setup-vllm models-hf
 ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm models models-hf run test bench bench-overhead bench-memory clean compose-tool load-test
+.PHONY: setup setup-vllm models models-hf run test bench bench-vllm bench-overhead bench-memory clean compose-tool load-test
 
 setup: $(STAMP) models setup-vllm models-hf
 
@@ -80,6 +80,10 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP) models
 	$(PY) scripts/bench_llamacpp.py \
 		--llama-server "$$(scripts/build_llama_server.sh $(BENCH_CACHE) $(VENV)/bin/pip $(LLAMA_CMAKE_ARGS))"
+
+# Benchmark 2: the vLLM engine against `vllm serve`, both from the vLLM virtualenv, on the converted model.
+bench-vllm: $(BENCH_STAMP) setup-vllm models-hf
+	$(PY) scripts/bench_vllm.py --python $(VLLM_VENV)/bin/python
 
 # Benchmark 3 relays to nginx (Debian) and compares with LiteLLM's proxy, kept in its own virtualenv.
 LITELLM_VENV := $(BENCH_CACHE)/litellm-venv

@@ -26,7 +26,7 @@ start_bg build "cmake -S $SRC/vendor/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_
   -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
   -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
   && cmake --build $BUILD --target llama llama-server -j $(nproc)"
-start_bg model "python3 $REPO/scripts/make_random_model.py $CARRY/smollm2-vocab.gguf $SRC/vendor/llama.cpp $WORK/model"
+start_bg model "python3 $REPO/scripts/make_random_model.py $CARRY/smollm2-vocab.gguf $WORK/model $SRC/vendor/llama.cpp"
 while [ ! -e "$WORK/build.done" ] || [ ! -e "$WORK/model.done" ]; do
   if [ $SECONDS -ge $DEADLINE ]; then echo "still building; call again"; tail -n 3 "$WORK"/*.log; exit 3; fi
   sleep 5

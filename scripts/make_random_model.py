@@ -1,10 +1,11 @@
 """Makes a Llama-architecture model with random weights (throughput does not depend on the weights'
-values) from a transformers config, with the default SmolLM2 model's tokenizer, and converts it to
-GGUF with convert_hf_to_gguf.py from the llama.cpp source vendored in llama-cpp-python's sdist.
-Used for the GPU run of benchmark 1, where no model hub is reachable. Needs torch and transformers.
+values) from a transformers config, with the default SmolLM2 model's tokenizer, as a Hugging Face
+directory (OUT_DIR/hf, what vLLM reads) and, given the llama.cpp source vendored in llama-cpp-python's
+sdist, as an f16 GGUF too (convert_hf_to_gguf.py). Used for the GPU runs of benchmarks 1 and 2, where no
+model hub is reachable. Needs torch and transformers.
 
-Usage: make_random_model.py VOCAB_GGUF LLAMA_CPP_SOURCE OUT_DIR
-  VOCAB_GGUF: a GGUF holding the tokenizer (the default model's file, or its metadata alone)
+Usage: make_random_model.py TOKENIZER OUT_DIR [LLAMA_CPP_SOURCE]
+  TOKENIZER: a tokenizer directory (the default model's `-hf` copy) or a GGUF holding the tokenizer
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ SHAPE = dict(
 )
 
 
-def save_hf_model(vocab_gguf: Path, hf_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(vocab_gguf.parent, gguf_file=vocab_gguf.name)
+def load_tokenizer(path: Path):
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def save_hf_model(tokenizer_path: Path, hf_dir: Path) -> None:
+    tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.save_pretrained(hf_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPE
@@ -57,12 +64,14 @@ def main() -> None:
     if sys.argv[1] == "--convert":
         convert(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
         return
-    vocab_gguf, source, out_dir = (Path(a) for a in sys.argv[1:4])
+    tokenizer_path, out_dir, *source = (Path(a) for a in sys.argv[1:4])
     hf_dir = out_dir / "hf"
     if not (hf_dir / "model.safetensors").exists():
-        save_hf_model(vocab_gguf, hf_dir)
+        save_hf_model(tokenizer_path, hf_dir)
+    if not source:
+        return
     outfile = out_dir / "random-llama-1b-f16.gguf"
-    subprocess.run([sys.executable, __file__, "--convert", str(source), str(hf_dir), str(outfile)], check=True)
+    subprocess.run([sys.executable, __file__, "--convert", str(source[0]), str(hf_dir), str(outfile)], check=True)
 
 
 if __name__ == "__main__":
