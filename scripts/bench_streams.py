@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,15 +37,19 @@ ALIAS = "bench"
 US = "gateway"
 
 
+STREAMS_PER_CLIENT = 16  # about what one Python client process keeps up with (../shared/gpu/README.md)
+
+
 @dataclass
 class Stream:
-    ttft: float  # seconds from sending the request to the first generated text
-    decode_seconds: float  # first to last generated token
+    sent: float  # time.time() of sending the request (comparable across client processes)
+    first: float  # of the first generated text
+    last: float  # of the last generated text
     tokens: int
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> Stream:
-    sent = time.perf_counter()
+    sent = time.time()
     first = last = None
     chunks = usage_tokens = 0
     async with session.post(url, json=body) as response:
@@ -56,27 +62,46 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> St
             if event.get("usage"):
                 usage_tokens = event["usage"]["completion_tokens"]
             if any(choice.get("text") for choice in event.get("choices") or []):
-                now = time.perf_counter()
+                now = time.time()
                 first = first or now
                 last = now
                 chunks += 1
     if first is None:
         raise RuntimeError(f"no text streamed from {url}")
-    return Stream(first - sent, last - first, usage_tokens or chunks)
+    return Stream(sent, first, last, usage_tokens or chunks)
 
 
-async def run_streams(service: Service, body: dict, concurrency: int) -> dict:
+def client_streams(url: str, body: dict, count: int, start_at: float) -> list[Stream]:
+    """One client process's share: `count` concurrent streams, sent at `start_at`."""
+
+    async def run() -> list[Stream]:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        timeout = aiohttp.ClientTimeout(total=1800)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            return await asyncio.gather(*(one_stream(session, url, body) for _ in range(count)))
+
+    return asyncio.run(run())
+
+
+def run_streams(service: Service, body: dict, concurrency: int) -> dict:
+    """`concurrency` streams at once, from several client processes above STREAMS_PER_CLIENT streams, so
+    that the client's own Python is never what limits the figure."""
     url = service.base_url + "/v1/completions"
-    timeout = aiohttp.ClientTimeout(total=1800)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        started = time.perf_counter()
-        streams = await asyncio.gather(*(one_stream(session, url, body) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+    clients = math.ceil(concurrency / STREAMS_PER_CLIENT)
+    shares = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
+    if clients == 1:
+        streams = client_streams(url, body, concurrency, time.time())
+    else:
+        with ProcessPoolExecutor(clients) as pool:
+            start_at = time.time() + 1.0  # every process started and ready
+            futures = [pool.submit(client_streams, url, body, share, start_at) for share in shares]
+            streams = [stream for future in futures for stream in future.result()]
+    wall = max(s.last for s in streams) - min(s.sent for s in streams)
     tokens = sum(s.tokens for s in streams)
     return {
         "aggregate_tps": tokens / wall,
-        "stream_tps": [(s.tokens - 1) / s.decode_seconds for s in streams if s.decode_seconds > 0],
-        "ttft": [s.ttft for s in streams],
+        "stream_tps": [(s.tokens - 1) / (s.last - s.first) for s in streams if s.last > s.first],
+        "ttft": [s.first - s.sent for s in streams],
         "tokens": tokens,
     }
 
@@ -85,12 +110,12 @@ def measure(services: list[Service], args, request_body: Callable[[str], dict]) 
     """Every service at every concurrency, `args.reps` times, the order rotating each repetition."""
     raw: dict = {s.name: {c: [] for c in args.concurrency} for s in services}
     for service in services:  # warm-up: first-call allocations stay out of the figures
-        asyncio.run(run_streams(service, {**request_body(service.name), "max_tokens": 8}, 1))
+        run_streams(service, {**request_body(service.name), "max_tokens": 8}, 1)
     for rep in range(args.reps):
         for concurrency in args.concurrency:
             order = services[rep % len(services) :] + services[: rep % len(services)]
             for service in order:
-                run = asyncio.run(run_streams(service, request_body(service.name), concurrency))
+                run = run_streams(service, request_body(service.name), concurrency)
                 raw[service.name][concurrency].append(run)
                 print(
                     f"rep {rep + 1} c={concurrency:>2} {service.name:<17} {run['aggregate_tps']:7.1f} tok/s "
