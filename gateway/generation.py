@@ -169,6 +169,7 @@ async def produce(reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream
 async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecord) -> AsyncIterator[tuple[int, Delta]]:
     """Pass deltas through, counting completion tokens and timing the first token and the gaps after it."""
     last_at: dict[int, float] = {}
+    observe_gap = None
     async with contextlib.aclosing(merged):
         async for index, delta in merged:
             if delta.tokens:
@@ -177,10 +178,11 @@ async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecor
                 if record.first_token_at is None:
                     record.first_token_at = arrived
                     metrics.observe_first_token(record)
+                    observe_gap = metrics.token_gap_observer(record)
                 elif index in last_at:
                     # A delta can carry several tokens (held back for a stop sequence or UTF-8): share the gap.
                     for _ in range(delta.tokens):
-                        metrics.observe_token_gap(record, (arrived - last_at[index]) / delta.tokens)
+                        observe_gap((arrived - last_at[index]) / delta.tokens)
                 last_at[index] = arrived
             yield index, delta
 
@@ -188,13 +190,14 @@ async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecor
 def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:
     """Send JSON strings as SSE `data:` events, then `[DONE]`; an error mid-stream becomes a last event."""
 
-    async def with_done() -> AsyncIterator[str]:
+    async def with_done() -> AsyncIterator[bytes]:
+        # Events go out as encoded bytes, which sse-starlette passes through: no event object per token.
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
-                    yield event
+                    yield b"data: %s\n\n" % event.encode()
         except Exception as error:  # headers are gone already: report in the stream, as OpenAI does
-            yield json.dumps(as_api_error(error).body())
-        yield "[DONE]"
+            yield b"data: %s\n\n" % json.dumps(as_api_error(error).body()).encode()
+        yield b"data: [DONE]\n\n"
 
     return EventSourceResponse(with_done(), sep="\n", headers=headers, ping=15)

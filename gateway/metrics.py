@@ -3,7 +3,7 @@
 Other modules record through this module's functions, never through prometheus_client directly, so
 names and labels stay in one place:
 - `observe_request(record)`: once per HTTP request (the access middleware calls it).
-- `observe_first_token(record)`, `observe_token_gap(record, seconds)`: while tokens stream.
+- `observe_first_token(record)`, `token_gap_observer(record)`: while tokens stream.
 - `record_fallback(model, from_target, to_target)`, `record_retry(target)`, `record_cooldown(target)`:
   for the routing layer (fallback chains, retries, circuit breakers).
 - `record_model_event(model, event)`: loads and unloads (with the reason) from the model lifecycle.
@@ -76,8 +76,9 @@ def observe_first_token(record) -> None:
     TIME_TO_FIRST_TOKEN.labels(record.model or "", record.target).observe(record.ttft())
 
 
-def observe_token_gap(record, seconds: float) -> None:
-    INTER_TOKEN_LATENCY.labels(record.model or "", record.target).observe(seconds)
+def token_gap_observer(record) -> Callable[[float], None]:
+    """Observes inter-token gaps of `record`'s model and target; looked up once per stream, not per token."""
+    return INTER_TOKEN_LATENCY.labels(record.model or "", record.target).observe
 
 
 def record_fallback(model: str, from_target: str, to_target: str) -> None:
