@@ -115,15 +115,26 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
     raise RuntimeError(f"gateway not ready after {STARTUP_SECONDS}s:\n{server.log()}")
 
 
+def require(engine: EngineUnderTest) -> None:
+    """For tests of one engine: skipped when LLM_TEST_ENGINES leaves it out or it is not installed."""
+    if engine.name not in SELECTED:
+        pytest.skip(f"LLM_TEST_ENGINES leaves out {engine.name}")
+    if reason := engine.missing():
+        skip_unless_ci(reason)
+
+
+def skip_unless_ci(reason: str) -> None:
+    """CI installs every engine and model: there a missing one is a broken set-up, so the test fails."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session", params=SELECTED)
 def server(request, tmp_path_factory) -> Server:
     """One gateway per engine; pytest runs every test on one engine before it starts the next."""
     engine = ENGINES[request.param]
-    reason = engine.missing()
-    if reason and os.environ.get("CI"):
-        pytest.fail(reason)  # CI installs every engine: a missing one is a broken set-up, not a skip
-    if reason:
-        pytest.skip(reason)
+    require(engine)
     instance = start_server(tmp_path_factory.mktemp(f"server-{engine.name}"), engine=engine)
     yield instance
     instance.stop()

@@ -7,7 +7,9 @@ served from the Hugging Face directory `scripts/convert_gguf.py` writes beside i
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import AsyncIterator
@@ -18,6 +20,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm  # noqa: E402  (reads the environment above at import)
 from transformers import AutoTokenizer  # noqa: E402
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
+from vllm.utils.system_utils import kill_process_tree  # noqa: E402
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 
 from engines.base import (  # noqa: E402
@@ -52,25 +55,33 @@ class VllmEngine(HFPrompts):
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._running = 0
+        self._load_ended: threading.Event | None = None  # set when a started load's thread returns
+        self._older_children: set = set()  # this process's children before the load began
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def load(self) -> None:
+        self._older_children = set(multiprocessing.active_children())
+        self._load_ended = threading.Event()
         try:
-            self._llm, self._tokenizer = await asyncio.to_thread(self._load_blocking)
+            await asyncio.to_thread(self._load_blocking)
         except Exception as exc:
             self._state, self._error = "failed", str(exc)
             raise
         self._state = "ready"
 
-    def _load_blocking(self):
-        model = hf_directory(self.config.model_path)
-        if not Path(model).exists() and model != self.config.model_path:
-            raise FileNotFoundError(f"vLLM cannot read GGUF and {model} is missing: run `make models-hf`")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        if not self._embeds_only and not tokenizer.chat_template:
-            raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
-        return AsyncLLM.from_engine_args(self._engine_args(model)), tokenizer
+    def _load_blocking(self) -> None:
+        try:
+            model = hf_directory(self.config.model_path)
+            if not Path(model).exists() and model != self.config.model_path:
+                raise FileNotFoundError(f"vLLM cannot read GGUF and {model} is missing: run `make models-hf`")
+            self._tokenizer = AutoTokenizer.from_pretrained(model)
+            if not self._embeds_only and not self._tokenizer.chat_template:
+                raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
+            # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
+            self._llm = AsyncLLM.from_engine_args(self._engine_args(model))
+        finally:
+            self._load_ended.set()
 
     def _engine_args(self, model: str) -> vllm.AsyncEngineArgs:
         config, options = self.config, self.config.options
@@ -93,10 +104,24 @@ class VllmEngine(HFPrompts):
         )
 
     async def close(self) -> None:
+        if self._load_ended is not None:
+            await asyncio.to_thread(self._end_load)
         if self._llm is not None:
             await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
         self._state = "closed"
+
+    def _end_load(self) -> None:
+        """Wait for the load's thread, killing the engine processes it starts meanwhile.
+
+        vLLM cannot stop its own start-up, and its engine process ignores SIGTERM until it is built, so a
+        gateway stopped mid-load would otherwise wait for the whole load or leave that process behind. Killed,
+        the load fails at once. Only shutdown closes a loading engine, and it closes every engine, so the
+        children started since this load began are all due to go.
+        """
+        while not self._load_ended.wait(timeout=0.2):
+            for process in set(multiprocessing.active_children()) - self._older_children:
+                kill_process_tree(process.pid)
 
     def info(self) -> EngineInfo:
         llm = self._llm
