@@ -48,6 +48,12 @@ QUANTIZATIONS = {
 NEEDS_CUDA = {"int8", "int4"}
 
 
+def pretrained_source(path: Path) -> tuple[str, dict]:
+    """`from_pretrained` arguments for LLM_MODEL: a GGUF file is read by transformers itself (dequantised);
+    anything else is a directory or repo id."""
+    return (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path), {})
+
+
 class TransformersEngine(HFPrompts):
     name = "transformers"
 
@@ -87,8 +93,7 @@ class TransformersEngine(HFPrompts):
 
     def _load_blocking(self) -> None:
         path = Path(self.config.model_path)
-        # A GGUF file is read by transformers itself (dequantised); anything else is a directory or repo id.
-        source, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path), {})
+        source, extra = pretrained_source(path)
         extra["trust_remote_code"] = bool(self.config.options.get("trust_remote_code"))
         self._tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         if not self._embeds_only and not self._tokenizer.chat_template:
