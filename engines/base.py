@@ -108,6 +108,7 @@ class Delta:
     tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last delta
+    cached_tokens: int = 0  # on a sequence's first delta: prompt tokens served from the engine's KV cache
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def engine_config(settings: Settings, target: LocalConfig, resolved: ResolvedMod
         batch_size=pick(target.batch_size, settings.batch_size),
         embedding=pick(target.embedding, settings.embedding),
         max_waiting=pick(target.max_waiting, settings.max_queue),
-        options={**{name: getattr(settings, name) or None for name in ENGINE_OPTIONS}, **target.options},
+        options={**{name: getattr(settings, name) for name in ENGINE_OPTIONS}, **target.options},
     )
 
 

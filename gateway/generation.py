@@ -147,7 +147,7 @@ class Reply:
         self.prompt_tokens, self.choices = prompt_tokens, choices
 
     def usage(self, completion_tokens: int) -> Usage:
-        return Usage.count(self.prompt_tokens, completion_tokens)
+        return Usage.count(self.prompt_tokens, completion_tokens, current_request().cached_tokens)
 
     def response(self, results: list[ChoiceResult]):
         raise NotImplementedError
@@ -172,6 +172,8 @@ async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecor
     observe_gap = None
     async with contextlib.aclosing(merged):
         async for index, delta in merged:
+            # n choices share one prompt: the best reuse among them is what the prompt cost less.
+            record.cached_tokens = max(record.cached_tokens, delta.cached_tokens)
             if delta.tokens:
                 arrived = time.perf_counter()
                 record.completion_tokens += delta.tokens

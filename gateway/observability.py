@@ -32,6 +32,7 @@ class RequestRecord:
     status: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine did not compute again (prefix reuse)
     first_token_at: float | None = None
 
     def elapsed(self) -> float:
@@ -51,6 +52,7 @@ class RequestRecord:
             "target": self.target,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
             "latency_ms": round(self.elapsed() * 1000, 1),
             "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
         }

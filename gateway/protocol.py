@@ -22,17 +22,23 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # of prompt_tokens, how many came from the engine's prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def count(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    def count(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="vllm: context length (default: LLM_CTX)")
     max_num_seqs: int | None = Field(None, ge=1, description="vllm: sequences per batch (default: LLM_PARALLEL)")
     kv_cache_dtype: str = Field("auto", description="vllm: KV cache dtype (auto, fp8, ...)")
-    enable_prefix_caching: bool | None = Field(None, description="vllm: reuse KV cache of shared prefixes")
+    enable_prefix_caching: bool | None = Field(None, description="llamacpp, vllm: reuse KV cache of shared prefixes")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs a model is split over")
     enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decode)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -23,6 +23,8 @@ def gateway(args) -> Service:
         "LLM_MODEL": str(args.model), "LLM_SERVED_MODEL_NAME": ALIAS, "LLM_THREADS": str(args.threads),
         "LLM_CTX": str(args.ctx), "LLM_PARALLEL": str(args.parallel), "LLM_GPU_LAYERS": str(args.gpu_layers),
         "LLM_BATCH_SIZE": str(args.batch_size), "LLM_EMBEDDING": "false", "LLM_LOG_LEVEL": "warning",
+        # Prefix reuse only when llama-server gets its prompt cache too: the same prefill work for both.
+        "LLM_ENABLE_PREFIX_CACHING": str(args.prompt_cache).lower(),
     }
     service = Service(US, [sys.executable, "-m", "gateway", "serve"], "/health", '"status":"ok"', env=env)
     service.env["LLM_PORT"] = str(service.port)
@@ -91,7 +93,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=16, help="slots on the gateway and llama-server")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--gpu-layers", type=int, default=0)
-    parser.add_argument("--prompt-cache", action="store_true", help="let llama-server reuse the last prompt's KV")
+    parser.add_argument("--prompt-cache", action="store_true", help="let llama-server and the gateway reuse prompt KV")
     add_stream_arguments(parser, "bench_llamacpp")
     return parser.parse_args()
 

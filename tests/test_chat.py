@@ -26,6 +26,7 @@ def test_non_streaming_shape_and_usage(client):
     assert usage.prompt_tokens > 5
     assert 1 <= usage.completion_tokens <= 12
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     if choice.finish_reason == "length":
         assert usage.completion_tokens == 12
 

@@ -61,6 +61,7 @@ class LlamaCppEngine:
             batch_size=config.batch_size,
             context_length=config.context_length,
             max_waiting=config.max_waiting,
+            reuse_prefixes=config.options.get("enable_prefix_caching") is not False,
         )
         self._state = "ready"
 

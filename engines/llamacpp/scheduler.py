@@ -5,6 +5,10 @@ Each step puts one token for every decoding sequence into the batch, then fills 
 `batch_size` with prompt chunks of newly admitted sequences, so a long prompt never stalls running
 streams. Sequences join and leave between steps; a cancelled one frees its slot at the next step.
 The event loop only submits sequences and receives `Delta`s; it never calls into llama.cpp here.
+
+A finished sequence leaves its KV cache in its slot (prefix reuse): a new prompt goes to the free slot
+that already holds the longest start of it, and only the rest is decoded, so a shared system prompt or
+a growing conversation is not computed again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from engines.worker_thread import WorkerThread
 log = logging.getLogger(__name__)
 
 
+MIN_PREFIX_REUSE = 16  # shorter shared starts do not justify leaving the lowest free slot
+
+
 @dataclass(eq=False)
 class Sequence:
     tokens: list[int]
@@ -34,6 +41,7 @@ class Sequence:
     inbox: asyncio.Queue
     slot: int = -1
     n_cached: int = 0
+    reused: int = 0  # prompt tokens whose KV cache was already in the slot
     generated: int = 0
     sampler: Any = None
     cancelled: bool = False
@@ -54,6 +62,7 @@ class Scheduler(WorkerThread):
         batch_size: int,
         context_length: int,
         max_waiting: int,
+        reuse_prefixes: bool = True,
     ):
         # Capacity counts running plus waiting, so max_waiting=0 still fills the slots.
         super().__init__("llama.cpp engine", slots + max_waiting)
@@ -63,6 +72,8 @@ class Scheduler(WorkerThread):
         self._batch = Batch(batch_size)
         self._context_length = context_length
         self._free_slots = list(range(slots))  # a heap: the lowest free slot is used first
+        self._reuse_prefixes = reuse_prefixes
+        self._slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each free slot's KV cache holds
         self._thread.start()
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -111,9 +122,28 @@ class Scheduler(WorkerThread):
             except Exception as exc:  # the sequence must hear about it, or its client waits forever
                 self._send(sequence, exc)
                 continue
-            sequence.slot = heapq.heappop(self._free_slots)
+            self._place(sequence)
             sequence.stops = StopMatcher(sequence.params.stop)
             self._running.append(sequence)
+
+    def _place(self, sequence: Sequence) -> None:
+        """Give the sequence a slot, keeping the part of its prompt that slot's KV cache already holds."""
+        # The lowest free slot keeps running slots contiguous (see _step); another wins with a long prefix.
+        slot, shared = self._free_slots[0], 0
+        if self._reuse_prefixes:
+            shared = _common_prefix(self._slot_tokens[slot], sequence.tokens)
+            for free in self._free_slots:
+                common = _common_prefix(self._slot_tokens[free], sequence.tokens)
+                if common >= MIN_PREFIX_REUSE and (common, -free) > (shared, -slot):
+                    slot, shared = free, common
+        self._free_slots.remove(slot)
+        heapq.heapify(self._free_slots)
+        keep = min(shared, len(sequence.tokens) - 1)  # the last prompt token is decoded again for its logits
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)  # a cache that cannot be cut is cleared
+            keep = 0
+        sequence.slot, sequence.n_cached, sequence.reused = slot, keep, keep
+        self._slot_tokens[slot] = []
 
     def _step(self) -> None:
         batch = self._batch
@@ -165,7 +195,8 @@ class Scheduler(WorkerThread):
         chosen = []
         if logprobs is not None:
             chosen = [self._token_logprob(token, logprobs, params.logprobs)]
-        self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish))
+        cached = sequence.reused if sequence.generated == 1 else 0
+        self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish, cached_tokens=cached))
         if finish:
             self._release(sequence)
 
@@ -185,7 +216,8 @@ class Scheduler(WorkerThread):
         return TokenLogprob(token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw))
 
     def _release(self, sequence: Sequence) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+        """Free the slot; its KV cache stays for a later prompt that starts the same way."""
+        self._slot_tokens[sequence.slot] = sequence.tokens[: sequence.n_cached]
         llama_cpp.llama_sampler_free(sequence.sampler)
         self._running.remove(sequence)
         heapq.heappush(self._free_slots, sequence.slot)
@@ -193,7 +225,19 @@ class Scheduler(WorkerThread):
     def _fail(self, sequence: Sequence, error: Exception) -> None:
         if sequence in self._running:
             self._release(sequence)
+            # After a failed decode the cache's contents are unknown: nothing in it may be reused.
+            llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+            self._slot_tokens[sequence.slot] = []
         self._send(sequence, error)
+
+
+def _common_prefix(cached: list[int], prompt: list[int]) -> int:
+    count = 0
+    for a, b in zip(cached, prompt):
+        if a != b:
+            break
+        count += 1
+    return count
 
 
 def _batch_order(sequence: Sequence) -> tuple[bool, int]:

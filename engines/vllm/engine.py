@@ -154,6 +154,7 @@ class VllmEngine(HFPrompts):
         request_id = uuid.uuid4().hex
         stream = llm.generate(vllm.TokensPrompt(prompt_token_ids=prompt.token_ids), _sampling(params), request_id)
         finished = False
+        first = True  # the prefix-cache hit is reported once, on the first output
         self._running += 1
         try:
             async for output in stream:
@@ -164,7 +165,9 @@ class VllmEngine(HFPrompts):
                     tokens=len(completion.token_ids),
                     logprobs=self._logprobs(completion, params.logprobs),
                     finish_reason=_finish_reason(completion.finish_reason) if finished else None,
+                    cached_tokens=(output.num_cached_tokens or 0) if first else 0,
                 )
+                first = False
         except (ValueError, TypeError) as exc:  # vLLM's own validation: an unusable request
             raise UnsupportedFeature(str(exc)) from None
         except Exception as exc:
