@@ -70,8 +70,10 @@ def as_api_error(error: BaseException) -> APIError:
 
 def _param_from_location(location: tuple) -> str | None:
     parts = [str(p) for p in location if p != "body"]
-    # pydantic names union members ("str", "list[...]"), which mean nothing to a client.
-    parts = [p for p in parts if not any(c in p for c in "[]") and p not in {"str", "int", "list", "function-after"}]
+    # pydantic names union members ("str", "list[...]", "literal[...]", model classes), which mean nothing
+    # to a client; the wire format's own names are lower case.
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in {"str", "int", "list", "function-after"}
+             and not p[:1].isupper()]  # fmt: skip
     if not parts:
         return None
     param = parts[0]

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import math
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from gateway import metrics
@@ -25,32 +25,32 @@ from gateway.config import RetryPolicy
 from gateway.errors import APIError, invalid_param
 from gateway.generation import sse_response, until_disconnected
 from gateway.observability import RequestRecord, current_request
+from gateway.protocol import ModelRequest
 from gateway.routing import Route, Target
 from gateway.security import KeyLimits
-from gateway.targets import Outcome, TargetFailure
+from gateway.targets import CapabilityMismatch, Outcome, TargetFailure
 
 log = logging.getLogger(__name__)
 TARGET_HEADER = "x-llm-target"
 TIMEOUT_HEADER = "x-request-timeout"
 
 
-async def dispatch(request: Request, endpoint: str, body: BaseModel) -> Response:
+async def dispatch(request: Request, endpoint: str, body: ModelRequest) -> Response:
     """Serve `body` (a validated request for `endpoint`) from the first target of its chain that can."""
     state = request.app.state
     route: Route = state.router.resolve(body.model)
-    timeout = request_timeout(request, getattr(body, "timeout", None), state.settings)
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = Deadline.after(request_timeout(request, body.timeout, state.settings))
     record = current_request()
     record.model = body.model
-    chain = _Chain(route, endpoint, body, deadline, state.retry, record)
-    outcome = await until_disconnected(request, _within(deadline, timeout, chain.serve()))
+    chain = _Chain(route, endpoint, body, deadline.at, state.retry, record)
+    outcome = await until_disconnected(request, _within(deadline, chain.serve(), record))
     if isinstance(outcome, Response):
         return outcome  # the client left; the work is cancelled
-    limits: KeyLimits | None = request.state.limits
+    charge = functools.partial(_charge, request.state.limits, record)
     headers = {TARGET_HEADER: outcome.target}
     if outcome.events is not None:
-        return sse_response(_relay(outcome.events, deadline, timeout, limits), headers)
-    _account(record, limits, outcome.body)
+        return sse_response(_relay(outcome, deadline, charge), headers)
+    charge()
     return Response(outcome.body, media_type="application/json", headers=headers)
 
 
@@ -73,52 +73,57 @@ def capped_timeout(value: float | str | bytes, settings) -> float:
     return min(seconds, settings.max_request_timeout)
 
 
-def timed_out(timeout: float) -> APIError:
-    return APIError(504, f"The request timed out after {timeout:g}s.", type="timeout_error", code="timeout")
+@dataclass(frozen=True)
+class Deadline:
+    at: float  # on the event loop's clock
+    seconds: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(asyncio.get_running_loop().time() + seconds, seconds)
+
+    def expired(self, target: str) -> APIError:
+        """The 504, naming the target that was being tried when time ran out."""
+        return APIError(
+            504, f"The request timed out after {self.seconds:g}s.", type="timeout_error", code="timeout",
+            headers={TARGET_HEADER: target},
+        )  # fmt: skip
 
 
-async def _within(deadline: float, timeout: float, work):
+async def _within(deadline: Deadline, work: Awaitable[Outcome], record: RequestRecord) -> Outcome:
     try:
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout_at(deadline.at):
             return await work
     except TimeoutError:
-        raise timed_out(timeout) from None
+        raise deadline.expired(record.target) from None
 
 
-async def _relay(events: AsyncIterator[str], deadline: float, timeout: float, limits: KeyLimits | None):
-    """Pass events on as they come, until the deadline; streams are charged one token per event."""
-    sent = 0
+async def _relay(outcome: Outcome, deadline: Deadline, charge: Callable[[], None]) -> AsyncIterator[str]:
+    """Pass events on as they come, until the deadline; then charge the key for the tokens used."""
     try:
-        async with contextlib.aclosing(events):
+        async with contextlib.aclosing(outcome.events) as events:
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(deadline.at):
                         event = await anext(events)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise timed_out(timeout) from None
-                sent += 1
+                    raise deadline.expired(outcome.target) from None
                 yield event
     finally:
-        if limits is not None:
-            limits.charge(sent)
+        charge()
 
 
-def _account(record: RequestRecord, limits: KeyLimits | None, body: bytes) -> None:
-    """Tokens of a whole reply: for the key's limit, and for the record when a remote target counted them."""
-    usage: dict = {}
-    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
-        usage = json.loads(body)["usage"] or {}
-    if not (record.prompt_tokens or record.completion_tokens):  # a local engine fills these in itself
-        record.prompt_tokens = usage.get("prompt_tokens", 0)
-        record.completion_tokens = usage.get("completion_tokens", 0)
+def _charge(limits: KeyLimits | None, record: RequestRecord) -> None:
+    """Charge the key's tokens-per-minute limit with what the target that served put on the record:
+    the local engine's own counts, or the provider's usage."""
     if limits is not None:
-        limits.charge(usage.get("total_tokens", 0))
+        limits.charge(record.prompt_tokens + record.completion_tokens)
 
 
 class _Chain:
-    def __init__(self, route: Route, endpoint: str, body: BaseModel, deadline: float, policy: RetryPolicy,
+    def __init__(self, route: Route, endpoint: str, body: ModelRequest, deadline: float, policy: RetryPolicy,
                  record: RequestRecord):  # fmt: skip
         self.route, self.endpoint, self.body, self.deadline = route, endpoint, body, deadline
         self.policy, self.record = policy, record
@@ -126,17 +131,20 @@ class _Chain:
 
     async def serve(self) -> Outcome:
         last: TargetFailure | None = None
+        tried: Target | None = None
         for target in self.route.targets:
             if target.breaker.remaining():
                 log.info("skipping target %s: cooling down", target.name)
                 continue
-            if last is not None:
-                metrics.record_fallback(self.route.name, last.headers[TARGET_HEADER], target.name)
+            if tried is not None:
+                metrics.record_fallback(self.route.name, tried.name, target.name)
+            tried = target
             try:
                 return await self._with_retries(target)
             except TargetFailure as failure:
                 log.warning("target %s failed (%s): %s", target.name, failure.status_code, failure.message)
-                last = _tagged(failure, target)
+                if last is None or not isinstance(failure, CapabilityMismatch):
+                    last = _tagged(failure, target)  # a real failure says more than "cannot do that"
         raise self._exhausted(last)
 
     async def _with_retries(self, target: Target) -> Outcome:
@@ -150,7 +158,7 @@ class _Chain:
         return await retrying(self._attempt, target)
 
     async def _attempt(self, target: Target) -> Outcome:
-        self.record.target = target.name  # logs and metrics name the target that answered, or failed last
+        self.record.attempt(target.name)  # logs and metrics name the target that answered, or failed last
         try:
             outcome = await target.serve(self.endpoint, self.body, self.deadline - self.loop.time())
         except TargetFailure as failure:

@@ -35,6 +35,12 @@ class RequestRecord:
     cached_tokens: int = 0  # prompt tokens the engine did not compute again (prefix reuse)
     first_token_at: float | None = None
 
+    def attempt(self, target: str) -> None:
+        """`target` tries to serve the request now: what an earlier target counted before failing is dropped."""
+        self.target = target
+        self.prompt_tokens = self.completion_tokens = 0
+        self.first_token_at = None
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 

@@ -1,7 +1,10 @@
 """The OpenAI wire format, modelled once: requests, responses and stream chunks for every endpoint.
 
-Requests forbid unknown fields (OpenAI answers 400 for them too); fields we know but do not
-implement are listed in UNSUPPORTED_* and rejected with a 400 naming the parameter.
+Requests forbid unknown fields (OpenAI answers 400 for them too, naming the parameter). Everything
+OpenAI defines is accepted, including what only remote providers can do (tools, images, audio, ...):
+it is validated here and forwarded unchanged to remote targets, while a local target answers what
+`unsupported_locally()` names with 400 `unsupported_parameter` and the chain moves on. What local
+engines read is listed in LOCAL_*. Replies of remote targets are relayed as the provider sent them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Usage(BaseModel):
 
 class StreamOptions(Request):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against length side channels; local streams need none
 
 
 class ErrorDetail(BaseModel):
@@ -70,14 +74,21 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
-# Seconds the whole request may take (as self-hosted servers accept it); the gateway caps it.
-RequestTimeout = Annotated[float | None, Field(gt=0)]
-
-
-class SamplingFields(Request):
-    """The sampling fields chat and legacy completions share (plus vLLM/llama-server extensions)."""
+class ModelRequest(Request):
+    """A request the gateway routes by its `model` to a chain of targets."""
 
     model: str
+    # Seconds the whole request may take (as self-hosted servers accept it); the gateway caps it.
+    timeout: float | None = Field(None, gt=0)
+
+    def unsupported_locally(self) -> str | None:
+        """The first parameter set that local engines cannot honour (remote providers can), or None."""
+        return None
+
+
+class SamplingFields(ModelRequest):
+    """The sampling fields chat and legacy completions share (plus vLLM/llama-server extensions)."""
+
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature | None = None
     top_p: Probability | None = None
@@ -88,7 +99,6 @@ class SamplingFields(Request):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
-    timeout: RequestTimeout = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions that vLLM and llama-server accept as well.
@@ -102,6 +112,9 @@ class SamplingFields(Request):
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise invalid_param("stop", "At most 4 stop sequences are allowed.")
         return self
+
+    def wants_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -129,21 +142,155 @@ class SamplingFields(Request):
 
 # ---- chat completions ---------------------------------------------------------------------------
 
+# What local engines read of a chat request: messages of these roles made of text, and the sampling
+# fields. The rest of OpenAI's chat format below is for remote targets (`unsupported_locally`).
+LOCAL_ROLES = ("system", "developer", "user", "assistant")
+LOCAL_CONTENT_PARTS = ("text",)
+REMOTE_ONLY_MESSAGE_FIELDS = ("tool_calls", "function_call", "refusal", "audio")
+REMOTE_ONLY_CHAT_FIELDS = (
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "modalities",
+    "prediction", "reasoning_effort", "verbosity", "web_search_options",
+)  # fmt: skip
 
-class TextPart(Request):
-    type: Literal["text"]
-    text: str
+
+class Tagged(Request):
+    """OpenAI's tagged objects: `type` names the field that carries the content ({"type": "text", "text": ...})."""
+
+    @model_validator(mode="after")
+    def _tagged_field_present(self):
+        if getattr(self, self.type, None) is None:
+            raise ValueError(f"'{self.type}' is required when type is '{self.type}'.")
+        return self
+
+
+class ImageUrl(Request):
+    url: str  # https or a data: URL
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class InputAudio(Request):
+    data: str  # base64
+    format: Literal["wav", "mp3"]
+
+
+class FileInput(Request):
+    file_data: str | None = None  # base64
+    file_id: str | None = None
+    filename: str | None = None
+
+
+class ContentPart(Tagged):
+    type: Literal["text", "image_url", "input_audio", "file", "refusal"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+    input_audio: InputAudio | None = None
+    file: FileInput | None = None
+    refusal: str | None = None
+
+
+class FunctionCall(Request):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class CustomCall(Request):
+    name: str
+    input: str
+
+
+class ToolCall(Tagged):
+    """A call an assistant message made, sent back with the conversation."""
+
+    id: str
+    type: Literal["function", "custom"]
+    function: FunctionCall | None = None
+    custom: CustomCall | None = None
+
+
+class AssistantAudio(Request):
+    id: str  # a previous audio reply, by reference
 
 
 class ChatMessage(Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # deprecated for tool_calls
+    refusal: str | None = None
+    audio: AssistantAudio | None = None
+    tool_call_id: str | None = None  # a tool message answers this call
+
+    @model_validator(mode="after")
+    def _tool_answers_a_call(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("A message with role 'tool' needs the tool_call_id it answers.")
+        return self
+
+    def unsupported_locally(self) -> str | None:
+        """The first part of this message that a local engine cannot read, as a path inside it."""
+        if self.role not in LOCAL_ROLES:
+            return "role"
+        unsupported = [name for name in REMOTE_ONLY_MESSAGE_FIELDS if getattr(self, name) is not None]
+        if isinstance(self.content, list):
+            parts = enumerate(self.content)
+            unsupported += [f"content[{i}]" for i, part in parts if part.type not in LOCAL_CONTENT_PARTS]
+        return unsupported[0] if unsupported else None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text or "" for part in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class CustomToolDefinition(Request):
+    name: str
+    description: str | None = None
+    format: dict[str, Any] | None = None  # free text, or a grammar
+
+
+class Tool(Tagged):
+    type: Literal["function", "custom"]
+    function: FunctionDefinition | None = None
+    custom: CustomToolDefinition | None = None
+
+
+class ToolName(Request):
+    name: str
+
+
+class AllowedTools(Request):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]
+
+
+class NamedToolChoice(Tagged):
+    type: Literal["function", "custom", "allowed_tools"]
+    function: ToolName | None = None
+    custom: ToolName | None = None
+    allowed_tools: AllowedTools | None = None
+
+
+class AudioOutput(Request):
+    voice: str | dict[str, str]
+    format: Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
+
+
+class Prediction(Tagged):
+    type: Literal["content"]
+    content: str | list[ContentPart]
+
+
+class WebSearchOptions(Request):
+    search_context_size: Literal["low", "medium", "high"] | None = None
+    user_location: dict[str, Any] | None = None
 
 
 class JsonSchemaFormat(Request):
@@ -171,13 +318,6 @@ class ResponseFormat(Request):
         return None
 
 
-# Fields of OpenAI's chat API that this gateway does not implement (400 naming them, never silence).
-UNSUPPORTED_CHAT_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
-    "modalities", "prediction", "web_search_options", "reasoning_effort",
-)  # fmt: skip
-
-
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")  # unknown fields are checked in _reject_unknown
 
@@ -186,17 +326,40 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    # Accepted and ignored, as they only matter to OpenAI's own storage and billing.
+    # For remote targets only (REMOTE_ONLY_CHAT_FIELDS).
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = None  # deprecated for tools
+    function_call: Literal["none", "auto"] | ToolName | None = None  # deprecated for tool_choice
+    audio: AudioOutput | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    prediction: Prediction | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: WebSearchOptions | None = None
+    # Accepted and ignored locally, as they only matter to a provider's own storage, caching and billing.
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @model_validator(mode="after")
     def _reject_unknown(self):
-        _reject_extra_fields(self, UNSUPPORTED_CHAT_FIELDS)
+        _reject_extra_fields(self)
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true.")
         return self
+
+    def unsupported_locally(self) -> str | None:
+        for name in REMOTE_ONLY_CHAT_FIELDS:
+            if getattr(self, name) is not None:
+                return name
+        for index, message in enumerate(self.messages):
+            if (part := message.unsupported_locally()) is not None:
+                return f"messages[{index}].{part}"
+        return None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -264,8 +427,6 @@ class ChatCompletionChunk(BaseModel):
 
 # ---- legacy completions -------------------------------------------------------------------------
 
-UNSUPPORTED_COMPLETION_FIELDS = ("suffix",)
-
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
@@ -274,19 +435,24 @@ class CompletionRequest(SamplingFields):
 
     prompt: PromptInput
     logprobs: int | None = Field(None, ge=0, le=5)
+    # For remote targets only: local engines neither insert, echo the prompt nor rank extra candidates.
+    suffix: str | None = None
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _reject_unknown(self):
-        _reject_extra_fields(self, UNSUPPORTED_COMPLETION_FIELDS)
-        if self.echo:
-            raise invalid_param("echo", "Echoing the prompt is not supported by this server.")
-        if self.best_of is not None and self.best_of != self.n:
-            raise invalid_param("best_of", "Only best_of equal to n is supported by this server.")
+        _reject_extra_fields(self)
         if self.prompt == [] or any(p == [] for p in self.prompt if isinstance(p, list)):
             raise invalid_param("prompt", "The prompt must not be empty.")
         return self
+
+    def unsupported_locally(self) -> str | None:
+        if self.suffix is not None:
+            return "suffix"
+        if self.echo:
+            return "echo"
+        return "best_of" if self.best_of not in (None, self.n) else None
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -324,13 +490,11 @@ class CompletionResponse(BaseModel):
 # ---- embeddings ---------------------------------------------------------------------------------
 
 
-class EmbeddingRequest(Request):
-    model: str
+class EmbeddingRequest(ModelRequest):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    timeout: RequestTimeout = None
 
     @model_validator(mode="after")
     def _non_empty(self):
@@ -390,10 +554,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _reject_extra_fields(request: BaseModel, unsupported: tuple[str, ...]) -> None:
+def _reject_extra_fields(request: BaseModel) -> None:
+    """OpenAI's answer to a field it does not know (pydantic's own says less)."""
     for name in request.model_extra or {}:
-        if name in unsupported:
-            raise invalid_param(
-                name, f"The parameter '{name}' is not supported by this server.", "unsupported_parameter"
-            )
         raise invalid_param(name, f"Unrecognized request argument supplied: {name}")

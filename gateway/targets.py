@@ -17,8 +17,11 @@ from pydantic import BaseModel
 
 from engines.base import Engine, EngineError, EngineOverloaded
 from gateway.config import RemoteTarget as RemoteConfig
-from gateway.errors import APIError, from_engine_error
+from gateway.errors import APIError, from_engine_error, invalid_param
 from gateway.generation import primed
+from gateway.observability import current_request
+from gateway.protocol import ModelRequest
+from gateway.tally import StreamTally, record_body_usage
 from gateway.upstream import HttpClient, UpstreamResponse, UpstreamUnavailable
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -41,6 +44,18 @@ class TargetFailure(APIError):
         self.retry_here = retry_here  # worth another attempt on the same target after a backoff
         self.unhealthy = unhealthy  # counts towards the target's cooldown
         self.retry_after = retry_after
+
+
+class CapabilityMismatch(TargetFailure):
+    """The target cannot do what the request asks (tools for a local model). No fault of the target:
+    the chain moves on without counting it, and the client hears of it only if no target can serve."""
+
+    def __init__(self, param: str, target: str):
+        error = invalid_param(
+            param, f"The parameter '{param}' is not supported by target '{target}' (a local model); route "
+            "this model to a provider that supports it.", "unsupported_parameter",
+        )  # fmt: skip
+        super().__init__(error, retry_here=False, unhealthy=False)
 
 
 class Breaker:
@@ -77,7 +92,7 @@ class Breaker:
 
 
 # Endpoint -> how a local engine answers it; the api modules register theirs.
-LocalHandler = Callable[[Engine, BaseModel], Awaitable[BaseModel | AsyncIterator[str]]]
+LocalHandler = Callable[[Engine, ModelRequest], Awaitable[BaseModel | AsyncIterator[str]]]
 LOCAL_HANDLERS: dict[str, LocalHandler] = {}
 
 
@@ -95,7 +110,9 @@ class LocalTarget:
     def __init__(self, name: str, engine: Engine, breaker: Breaker):
         self.name, self.engine, self.breaker = name, engine, breaker
 
-    async def serve(self, endpoint: str, body: BaseModel, remaining: float) -> Outcome:
+    async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
+        if (param := body.unsupported_locally()) is not None:
+            raise CapabilityMismatch(param, self.name)
         try:
             result = await LOCAL_HANDLERS[endpoint](self.engine, body)
         except EngineError as error:
@@ -125,24 +142,30 @@ class RemoteTarget:
         key = config.api_key()  # read once at start-up: a missing variable stops it there
         self.headers = {**config.headers, **({"Authorization": f"Bearer {key}"} if key else {})}
 
-    async def serve(self, endpoint: str, body: BaseModel, remaining: float) -> Outcome:
-        payload = body.model_dump(exclude_unset=True, exclude={"timeout"})
+    async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
+        # The request as the client sent it (with the wire's field names: by_alias), for the provider's model.
+        payload = body.model_dump(exclude_unset=True, exclude={"timeout"}, by_alias=True)
         payload["model"] = self.config.model
         # Another gateway (or any server that reads it) stops at the same deadline as this one.
         headers = {**self.headers, "x-request-timeout": f"{remaining:.3f}"}
         url = f"{self.base_url}/{endpoint}"
         if payload.get("stream"):
-            return Outcome(self.name, events=await primed(self._events(url, payload, headers)))
+            tally = StreamTally(current_request(), client_wants_usage=body.wants_usage())
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+            return Outcome(self.name, events=await primed(self._events(url, payload, headers, tally)))
         try:
             async with self._post(url, payload, headers) as response:
-                return Outcome(self.name, body=await self._read_ok(response))
+                content = await self._read_ok(response)
         except UpstreamUnavailable as error:
             raise self._unreachable(error) from error
+        record_body_usage(current_request(), content)
+        return Outcome(self.name, body=content)
 
     def _post(self, url: str, payload: dict, headers: dict[str, str]):
         return self.client.post(url, payload, headers, self.config.connect_timeout, self.config.read_timeout)
 
-    async def _events(self, url: str, payload: dict, headers: dict[str, str]) -> AsyncIterator[str]:
+    async def _events(self, url: str, payload: dict, headers: dict[str, str], tally: StreamTally,
+                      ) -> AsyncIterator[str]:  # fmt: skip
         """The upstream's `data` payloads, relayed one by one as they arrive, without `[DONE]`."""
         try:
             async with self._post(url, payload, headers) as response:
@@ -157,9 +180,12 @@ class RemoteTarget:
                     if first and data.startswith('{"error"'):
                         raise self._failure(500, response.headers, data.encode())  # failed before any output
                     first = False
-                    yield data
+                    if tally.passes(data):
+                        yield data
         except UpstreamUnavailable as error:
             raise self._unreachable(error) from error
+        finally:
+            tally.settle()
         raise APIError(502, f"target {self.name!r} closed the stream before it finished", type="server_error")
 
     async def _read_ok(self, response: UpstreamResponse, streaming: bool = False) -> bytes:

@@ -7,6 +7,8 @@ started here (tests/upstream.py) that refuses, fails, stalls or cuts streams.
 
 from __future__ import annotations
 
+import json
+import math
 import socket
 import time
 
@@ -24,6 +26,7 @@ LIMITED_KEY = "sk-limited-key"
 PEER_KEY = "sk-peer-secret"
 COOLDOWN = 3.0
 LONG = {"max_tokens": 3000, "ignore_eos": True}
+TOKENS_PER_MINUTE = {"sk-tpm-usage": 20, "sk-tpm-deltas": 12, "sk-tpm-local": 100}  # key -> its limit
 
 
 def routing_config(upstream: Upstream, peer_url: str) -> dict:
@@ -37,6 +40,9 @@ def routing_config(upstream: Upstream, peer_url: str) -> dict:
         "refused": {"type": "openai", "base_url": closed, "model": "x"},
         **{name: remote(name) for name in ["a-500", "b-500", "c-429", "d-400", "e-cut3", "f-fail2", "breaker-ok"]},
         "stalled": remote("g-stall", read_timeout=1),
+        "slow": remote("h-stall"),  # outlasts a short request timeout
+        "echo-tools": remote("i-tools"),
+        "no-usage": remote("j-nousage"),
         "good": remote("good-ok"),
         "spare": remote("spare-ok"),
     }
@@ -53,6 +59,11 @@ def routing_config(upstream: Upstream, peer_url: str) -> dict:
         "flaky": ["f-fail2"],
         "all-down": ["refused", "b-500"],
         "breaker-then-spare": ["breaker-ok", "spare"],
+        "slow-only": ["slow"],
+        "tools-anywhere": ["local", "echo-tools"],
+        "first-token": ["good"],
+        "usage-stream": ["good"],
+        "no-usage-stream": ["no-usage"],
     }
     models = {name: {"targets": chain} for name, chain in chains.items()}
     models[MODEL]["aliases"] = ["small"]
@@ -63,7 +74,8 @@ def routing_config(upstream: Upstream, peer_url: str) -> dict:
         "retry": {"attempts": 3, "backoff_initial": 0.05, "backoff_max": 0.2, "failures_to_cool": 3,
                   "cooldown": COOLDOWN},
         "api_keys": [{"key_env": "GATEWAY_KEY", "name": "tests"},
-                     {"key": LIMITED_KEY, "name": "limited", "requests_per_minute": 2}],
+                     {"key": LIMITED_KEY, "name": "limited", "requests_per_minute": 2},
+                     *({"key": key, "tokens_per_minute": limit} for key, limit in TOKENS_PER_MINUTE.items())],
     }  # fmt: skip
 
 
@@ -105,25 +117,47 @@ def ask(client: openai.OpenAI, model: str, **extra):
     return raw.headers, raw.parse()
 
 
-def stream_text(client: openai.OpenAI, model: str) -> tuple[httpx.Headers, str]:
+def stream_chunks(client: openai.OpenAI, model: str, **extra) -> tuple[httpx.Headers, list]:
+    """A streamed chat completion through the SDK: its headers and every chunk."""
+    extra.setdefault("messages", [{"role": "user", "content": "hi"}])
     with client.chat.completions.with_streaming_response.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        model=model, max_tokens=extra.pop("max_tokens", 4), stream=True, **extra
     ) as response:
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
-        return response.headers, text
+        return response.headers, list(response.parse())
+
+
+def stream_text(client: openai.OpenAI, model: str, **extra) -> tuple[httpx.Headers, str]:
+    headers, chunks = stream_chunks(client, model, **extra)
+    return headers, "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
 def hits(upstream: Upstream, name: str) -> int:
     return upstream.hits[name]
 
 
-def counter(server, name: str, **labels: str) -> float:
-    """A counter from the gateway's /metrics (0 when it has not been incremented yet)."""
+def sample(server, name: str, **labels: str) -> float:
+    """A sample from the gateway's /metrics (0 when it has not been recorded yet)."""
     for family in text_string_to_metric_families(httpx.get(server.base_url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name + "_total" and labels.items() <= sample.labels.items():
-                return sample.value
+        for found in family.samples:
+            if found.name == name and labels.items() <= found.labels.items():
+                return found.value
     return 0.0
+
+
+def counter(server, name: str, **labels: str) -> float:
+    return sample(server, name + "_total", **labels)
+
+
+def access_line(server, model: str) -> dict:
+    """The access-log record of the one request for `model` (written just after its response ended)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        found = [line for line in lines if line["logger"] == "gateway.access" and line.get("model") == model]
+        if found or time.monotonic() > deadline:
+            (line,) = found
+            return line
+        time.sleep(0.05)
 
 
 def wait_idle(server, within: float) -> None:
@@ -255,6 +289,7 @@ def test_timeout_gives_504_and_frees_the_engine(client, routed):
     with pytest.raises(openai.APIStatusError) as error:
         ask(client, "local-only", extra_body={"timeout": 1, "ignore_eos": True}, max_tokens=3000)
     assert error.value.status_code == 504
+    assert error.value.response.headers["x-llm-target"] == "local"
     assert time.monotonic() - started < 10
     wait_idle(routed, within=10.0)
     response = httpx.post(
@@ -263,9 +298,21 @@ def test_timeout_gives_504_and_frees_the_engine(client, routed):
         headers={"Authorization": f"Bearer {GATEWAY_KEY}", "x-request-timeout": "1"},
         timeout=30,
     )  # fmt: skip
-    assert response.status_code == 504
+    assert (response.status_code, response.headers["x-llm-target"]) == (504, "local")
     assert response.json()["error"]["type"] == "timeout_error"
     wait_idle(routed, within=10.0)
+
+
+def test_a_remote_target_outlasting_the_deadline_gives_504_naming_it(client, routed):
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client, "slow-only", extra_body={"timeout": 1})
+    assert error.value.status_code == 504
+    assert error.value.response.headers["x-llm-target"] == "slow"
+    body = {"model": "slow-only", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"Authorization": f"Bearer {GATEWAY_KEY}", "x-request-timeout": "1"}
+    response = httpx.post(routed.v1 + "/chat/completions", json=body, headers=headers, timeout=30)
+    assert (response.status_code, response.headers["x-llm-target"]) == (504, "slow")
+    assert response.json()["error"]["code"] == "timeout"
 
 
 def test_a_client_too_slow_to_send_its_body_gets_408(routed):
@@ -314,6 +361,73 @@ def test_full_queue_gives_503_or_the_next_target(client, routed):
     wait_idle(routed, within=10.0)
 
 
+# ---- what only remote providers can do ----------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}]  # fmt: skip
+CONVERSATION = [
+    {"role": "user", "content": [
+        {"type": "text", "text": "What is the weather where this photo was taken?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+    ]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
+]  # fmt: skip
+TOOL_REQUEST = {
+    "messages": CONVERSATION, "tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False,
+    "response_format": {"type": "json_schema", "json_schema": {"name": "weather", "schema": {"type": "object"}}},
+}  # fmt: skip
+
+
+def assert_forwarded_unchanged(received: dict, stream: bool) -> None:
+    for field, value in TOOL_REQUEST.items():
+        assert received[field] == value, field
+    assert (received["model"], received.get("stream", False)) == ("upstream-model", stream)
+
+
+def test_tools_reach_a_remote_target_unchanged_and_its_tool_calls_come_back(client, routed):
+    raw = client.chat.completions.with_raw_response.create(model="tools-anywhere", max_tokens=3, **TOOL_REQUEST)
+    assert raw.headers["x-llm-target"] == "echo-tools"  # the local model cannot use tools: the chain moved on
+    choice = raw.parse().choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert (call.id, call.function.name) == ("call_echo", "get_weather")
+    assert_forwarded_unchanged(json.loads(call.function.arguments), stream=False)
+
+    headers, chunks = stream_chunks(client, "tools-anywhere", **TOOL_REQUEST)
+    assert headers["x-llm-target"] == "echo-tools"
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert (calls[0].id, calls[0].function.name) == ("call_echo", "get_weather")
+    assert_forwarded_unchanged(json.loads("".join(c.function.arguments for c in calls)), stream=True)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # Not doing tools is no failure of the local model: nothing counts towards its cooldown.
+    assert routed.health()["targets"]["local"]["consecutive_failures"] == 0
+
+
+HI = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tools": TOOLS}, "tools"),
+        ({"tool_choice": "none"}, "tool_choice"),
+        ({"messages": CONVERSATION}, "messages[0].content[1]"),
+        ({"messages": [HI, *CONVERSATION[1:]]}, "messages[1].tool_calls"),
+        ({"messages": [HI, CONVERSATION[2]]}, "messages[1].role"),
+    ],
+)
+def test_a_local_only_model_answers_400_naming_what_it_cannot_do(client, change, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="local-only", max_tokens=3, **{"messages": [HI], **change})
+    assert (error.value.code, error.value.param) == ("unsupported_parameter", param)
+    assert error.value.response.headers["x-llm-target"] == "local"
+
+
 # ---- keys and limits ---------------------------------------------------------------------------------
 
 
@@ -340,6 +454,56 @@ def test_rate_limit_per_key(routed):
     assert error.value.code == "rate_limit_exceeded"
     assert int(error.value.response.headers["retry-after"]) >= 1
     routed.client(api_key=GATEWAY_KEY).models.list()  # other keys are not affected
+
+
+def streamed_until_limited(server, key: str, model: str, **extra) -> int:
+    """How many streamed requests `key` gets through before its tokens-per-minute limit answers 429."""
+    client = server.client(api_key=key)
+    for admitted in range(20):
+        try:
+            stream_text(client, model, **extra)
+        except openai.RateLimitError as error:
+            assert error.code == "rate_limit_exceeded" and int(error.response.headers["retry-after"]) >= 1
+            return admitted
+    raise AssertionError(f"{key} was never limited")
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "tokens"),
+    [
+        ("sk-tpm-usage", "usage-stream", 8),  # the usage the gateway asked the provider for: 3 prompt + 5
+        ("sk-tpm-deltas", "no-usage-stream", 5),  # a provider that sends no usage: one per content delta
+    ],
+)
+def test_remote_streams_charge_their_tokens_to_the_key(routed, key, model, tokens):
+    # A key is admitted while what it was charged is under its limit: ceil(limit / tokens) requests.
+    # Charging SSE events instead (6 per stream, the role chunk first) would let a different number through.
+    assert streamed_until_limited(routed, key, model) == math.ceil(TOKENS_PER_MINUTE[key] / tokens)
+
+
+def test_the_usage_the_gateway_asks_for_reaches_only_clients_that_asked(client, upstream):
+    _, chunks = stream_chunks(client, "usage-stream")
+    assert upstream.received["good-ok"]["stream_options"] == {"include_usage": True}
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks)
+    _, chunks = stream_chunks(client, "usage-stream", stream_options={"include_usage": True})
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 8
+
+
+def test_local_streams_charge_the_engine_s_token_counts(routed, client):
+    same_tokens = {"extra_body": {"ignore_eos": True}}  # the same prompt and 4 tokens every time
+    _, chunks = stream_chunks(client, "local-only", stream_options={"include_usage": True}, **same_tokens)
+    tokens = chunks[-1].usage.total_tokens
+    assert streamed_until_limited(routed, "sk-tpm-local", "local-only", **same_tokens) == math.ceil(100 / tokens)
+
+
+def test_remote_streams_record_time_to_first_token(client, routed):
+    stream_text(client, "first-token")
+    labels = {"model": "first-token", "target": "good"}
+    assert sample(routed, "llm_time_to_first_token_seconds_count", **labels) == 1
+    assert sample(routed, "llm_time_to_first_token_seconds_sum", **labels) > 0
+    line = access_line(routed, "first-token")
+    assert line["target"] == "good" and line["latency_ms"] >= line["ttft_ms"] > 0
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 5)  # from the usage the gateway asked for
 
 
 # ---- the simple case: env vars only, the other HTTP client ----------------------------------------

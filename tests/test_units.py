@@ -93,10 +93,17 @@ def test_chat_request_maps_to_sampling_params():
     assert params.temperature == 1.0 and params.top_p == 1.0
 
 
-def test_unsupported_fields_name_their_param():
+def test_unknown_fields_name_their_param_and_remote_only_ones_parse():
     with pytest.raises(APIError) as raised:
-        CompletionRequest(model="m", prompt="x", suffix="y")
-    assert raised.value.param == "suffix" and raised.value.status_code == 400
+        CompletionRequest(model="m", prompt="x", surprise="y")
+    assert raised.value.param == "surprise" and raised.value.status_code == 400
+    assert CompletionRequest(model="m", prompt="x", suffix="y").unsupported_locally() == "suffix"
+    assert CompletionRequest(model="m", prompt="x", best_of=2, n=2).unsupported_locally() is None
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}], reasoning_effort="low")
+    assert chat.unsupported_locally() == "reasoning_effort"
+    chat.reasoning_effort = None
+    assert chat.unsupported_locally() == "messages[0].content[1]"
 
 
 def test_completion_prompt_forms():

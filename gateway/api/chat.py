@@ -44,8 +44,7 @@ async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     params = body.sampling_params(max_tokens, logprobs, schema)
     merged = merge(start_generations(engine, prompt, params, body.n))
     reply = _ChatReply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids), body.n)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await produce(reply, merged, body.stream, include_usage)
+    return await produce(reply, merged, body.stream, body.wants_usage())
 
 
 def _template_role(role: str) -> str:

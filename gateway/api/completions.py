@@ -42,8 +42,7 @@ async def serve_locally(engine: Engine, body: CompletionRequest):
     merged = merge(streams)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     reply = _CompletionReply(new_id("cmpl"), now(), body.model, prompt_tokens, len(streams))
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await produce(reply, merged, body.stream, include_usage)
+    return await produce(reply, merged, body.stream, body.wants_usage())
 
 
 class _CompletionReply(Reply):
