@@ -38,7 +38,7 @@ class RequestRecord:
     def attempt(self, target: str) -> None:
         """`target` tries to serve the request now: what an earlier target counted before failing is dropped."""
         self.target = target
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.first_token_at = None
 
     def elapsed(self) -> float:

@@ -16,6 +16,8 @@ def record_usage(record: RequestRecord, usage: dict) -> None:
     """A provider's `usage` object as the record's token counts."""
     record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
     record.completion_tokens = int(usage.get("completion_tokens") or 0)
+    details = usage.get("prompt_tokens_details")
+    record.cached_tokens = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
 def record_body_usage(record: RequestRecord, body: bytes) -> None:
