@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from typing import Callable
 
@@ -166,6 +167,8 @@ async def _lifespan(app: FastAPI):
     chains = [app.state.router.resolve(name).targets for name in preloaded]
     tasks = [asyncio.create_task(_preload(t.engine)) for c in chains for t in c if isinstance(t, LocalTarget)]
     tasks.append(asyncio.create_task(manager.run_sweeper()))
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:

@@ -148,6 +148,19 @@ class _Chain:
         raise self._exhausted(last)
 
     async def _with_retries(self, target: Target) -> Outcome:
+        # Most requests succeed at once: only a retryable failure pays for tenacity (~25 µs a call).
+        try:
+            return await self._attempt(target)
+        except TargetFailure as failure:
+            if not failure.retry_here:
+                raise
+            seen = [failure]
+
+        async def attempt() -> Outcome:
+            if seen:  # tenacity's first attempt is the one that just failed: it backs off from there
+                raise seen.pop()
+            return await self._attempt(target)
+
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda error: isinstance(error, TargetFailure) and error.retry_here),
             wait=self._wait,
@@ -155,7 +168,7 @@ class _Chain:
             before_sleep=lambda state: metrics.record_retry(target.name),
             reraise=True,
         )
-        return await retrying(self._attempt, target)
+        return await retrying(attempt)
 
     async def _attempt(self, target: Target) -> Outcome:
         self.record.attempt(target.name)  # logs and metrics name the target that answered, or failed last

@@ -120,23 +120,22 @@ def start_generations(engine: Engine, prompt: Prompt, params: SamplingParams, n:
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
     """Run `work` unless the client goes away first; then cancel it, which frees the engine."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    serving = asyncio.current_task()
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, serving))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not watcher.done() or watcher.cancelled() or serving.uncancel():
+            raise  # cancelled from elsewhere (server shutdown), not by the watcher
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return task.result()
 
 
-async def _disconnected(request: Request) -> None:
+async def _cancel_on_disconnect(request: Request, serving: asyncio.Task) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    serving.cancel()
 
 
 class Reply:
