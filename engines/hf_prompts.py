@@ -7,8 +7,10 @@ request gets the same token ids, and the same usage counts, from either engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from engines.base import ContextLengthExceeded, Prompt, UnsupportedFeature
+from engines.text import tokenize
 
 
 class HFPrompts:
@@ -31,7 +33,7 @@ class HFPrompts:
         return Prompt(text=prompt, token_ids=tokens or fallback)
 
     async def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        return await asyncio.to_thread(self._tokenizer.encode, text, add_special_tokens=add_special)
+        return await tokenize(functools.partial(self._tokenizer.encode, add_special_tokens=add_special), text)
 
     def _check_token_ids(self, tokens: list[int], param: str) -> None:
         size = len(self._tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from typing import AsyncIterator
@@ -24,6 +25,7 @@ from engines.base import (
 )
 from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, route_native_logs
 from engines.llamacpp.scheduler import Scheduler
+from engines.text import tokenize
 from engines.worker_thread import deltas
 
 log = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ class LlamaCppEngine:
                 f"model {self.config.served_name!r} has no chat template; use /v1/completions", param="model"
             )
         text = self._chat_formatter(messages=messages).prompt
-        tokens = await asyncio.to_thread(self._vocab.tokenize, text, add_special=False, parse_special=True)
+        tokens = await self._tokenize(text, add_special=False, parse_special=True)
         return Prompt(text=text, token_ids=tokens)
 
     async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
@@ -180,8 +182,12 @@ class LlamaCppEngine:
         if isinstance(prompt, list):
             self._check_token_ids(prompt)
             return Prompt(text="", token_ids=list(prompt))
-        tokens = await asyncio.to_thread(self._vocab.tokenize, prompt, add_special=True, parse_special=False)
+        tokens = await self._tokenize(prompt, add_special=True, parse_special=False)
         return Prompt(text=prompt, token_ids=tokens or [self._vocab.bos])
+
+    async def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        encode = functools.partial(self._vocab.tokenize, add_special=add_special, parse_special=parse_special)
+        return await tokenize(encode, text)
 
     def _check_token_ids(self, tokens: list[int]) -> None:
         if not tokens or any(t < 0 or t >= self._vocab.size for t in tokens):
@@ -205,7 +211,7 @@ class LlamaCppEngine:
         token_lists = []
         for item in inputs:
             if isinstance(item, str):
-                tokens = await asyncio.to_thread(self._vocab.tokenize, item, add_special=True, parse_special=False)
+                tokens = await self._tokenize(item, add_special=True, parse_special=False)
             else:
                 self._check_token_ids(item)
                 tokens = item
