@@ -2,11 +2,20 @@
 # Benchmark 1 on the GPU machine (device tool): builds the vendored llama.cpp once with CUDA (its shared
 # libraries serve llama-cpp-python through LLAMA_CPP_LIB_PATH, and llama-server comes from the same
 # build), makes a random-weight 1 B Llama, then runs scripts/bench_llamacpp.py with every layer on the GPU.
-# Needs, in $CARRY: llama-src.tar.gz (the trimmed llama-cpp-python sdist), whl/ (the gateway's wheels for
-# Python 3.12), smollm2-vocab.gguf (the default model's tokenizer metadata). Re-runnable: finished steps
+# Needs, in $CARRY (a folder of the repo named in the device call's carry; 64 MiB at most travel):
+#   llama-src.tar.gz  the llama-cpp-python 0.3.36 sdist, trimmed to what the CUDA build and the GGUF
+#                     converter read (its .git, docs, examples and tests dropped; in vendor/llama.cpp: docs,
+#                     models, media, benches, tests, examples, pocs, the web UI's sources, ggml backends
+#                     other than CPU and CUDA): about 6 MB
+#   whl/              wheels (Python 3.12, manylinux x86_64) of the gateway's and llama_cpp.server's
+#                     dependencies that the device image lacks: fastapi, starlette, uvicorn, httptools,
+#                     sse-starlette, pydantic(-core, -settings), python-dotenv, annotated-types,
+#                     typing-inspection, typing-extensions, tenacity, diskcache, starlette-context
+#   tokenizer/        the default model's tokenizer directory (tokenizer.json, tokenizer_config.json)
+# llama-cpp-python's Python package comes from the sdist through PYTHONPATH. Re-runnable: finished steps
 # are skipped, and steps still running in the background when the call's time is up are waited for.
 set -uo pipefail
-CARRY=${CARRY:?}; WORK=${WORK:-/root/gpu}; OUT=${OUT:-/tmp/out}; DEADLINE=$((SECONDS + ${BUDGET_S:-500}))
+CARRY=$(cd "${CARRY:?}" && pwd); WORK=${WORK:-/root/gpu}; OUT=${OUT:-/tmp/out}; DEADLINE=$((SECONDS + ${BUDGET_S:-500}))
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SRC=$WORK/llama_cpp_python-0.3.36; BUILD=$WORK/build; MODEL=$WORK/model/random-llama-1b-f16.gguf
 mkdir -p "$WORK" "$OUT"
@@ -26,7 +35,7 @@ start_bg build "cmake -S $SRC/vendor/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_
   -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
   -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
   && cmake --build $BUILD --target llama llama-server -j $(nproc)"
-start_bg model "python3 $REPO/scripts/make_random_model.py $CARRY/smollm2-vocab.gguf $WORK/model $SRC/vendor/llama.cpp"
+start_bg model "python3 $REPO/scripts/make_random_model.py $CARRY/tokenizer $WORK/model $SRC/vendor/llama.cpp"
 while [ ! -e "$WORK/build.done" ] || [ ! -e "$WORK/model.done" ]; do
   if [ $SECONDS -ge $DEADLINE ]; then echo "still building; call again"; tail -n 3 "$WORK"/*.log; exit 3; fi
   sleep 5
@@ -39,5 +48,5 @@ cd "$REPO" && python3 scripts/bench_llamacpp.py --model "$MODEL" --llama-server 
   --gpu-layers 99 --threads 8 --ctx 1024 --parallel 16 --reps "${REPS:-3}" --name bench_llamacpp_gpu "$@"
 status=$?
 cp bench-results/bench_llamacpp_gpu.* "$OUT"/ 2>/dev/null
-mkdir -p "$OUT/logs" && cp "$(ls -td /tmp/bench-llamacpp-* | head -1)"/*.log "$OUT/logs/"
+mkdir -p "$OUT/logs" && cp "$(ls -td /tmp/bench_llamacpp_gpu-* | head -1)"/*.log "$OUT/logs/"
 exit $status
