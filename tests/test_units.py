@@ -140,3 +140,29 @@ def test_cli_flags_override_environment(monkeypatch):
     assert command == "serve"
     assert (settings.port, settings.model, settings.ctx, settings.gpu_layers) == (8123, "/m.gguf", 1024, -1)
     assert parse_args([])[0] == "serve"
+
+
+def test_llama_cpp_logs_reach_python_only_while_a_model_loads(caplog):
+    """After loading, llama.cpp's lines are dropped in C (a Python callback would take the GIL on every
+    CUDA decode step); while loading they are log records."""
+    import llama_cpp
+
+    from engines.llamacpp.native import native_logs_while_loading
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    path = str(PROJECT_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").encode()
+
+    def load_vocab() -> int:
+        caplog.clear()
+        llama_cpp.llama_model_free(llama_cpp.llama_model_load_from_file(path, params))
+        return len([r for r in caplog.records if r.name == "llama-cpp-python"])
+
+    with caplog.at_level("DEBUG", logger="llama-cpp-python"):
+        with native_logs_while_loading():
+            assert load_vocab() > 0
+    with caplog.at_level("WARNING", logger="llama-cpp-python"):
+        with native_logs_while_loading():
+            pass
+        with caplog.at_level("DEBUG", logger="llama-cpp-python"):
+            assert load_vocab() == 0

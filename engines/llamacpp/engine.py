@@ -23,7 +23,7 @@ from engines.base import (
     SamplingParams,
     UnsupportedFeature,
 )
-from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, route_native_logs
+from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, native_logs_while_loading
 from engines.llamacpp.scheduler import Scheduler
 from engines.text import tokenize
 from engines.worker_thread import deltas
@@ -51,7 +51,8 @@ class LlamaCppEngine:
 
     async def load(self) -> None:
         try:
-            await asyncio.to_thread(self._load_blocking)
+            with native_logs_while_loading():
+                await asyncio.to_thread(self._load_blocking)
         except Exception as exc:
             self._state, self._error = "failed", str(exc)
             raise
@@ -71,7 +72,6 @@ class LlamaCppEngine:
         config = self.config
         if not os.path.isfile(config.model_path):
             raise FileNotFoundError(f"model file not found: {config.model_path}")
-        route_native_logs()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = config.gpu_layers

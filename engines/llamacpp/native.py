@@ -6,9 +6,11 @@ We use the C API rather than `llama_cpp.Llama`: `Llama` decodes one sequence at 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
+from typing import Iterator
 
 import llama_cpp
 import numpy as np
@@ -33,8 +35,23 @@ def _log_to_python(level: int, text: bytes, _user_data) -> None:
         _native_log.log(_last_level[0], message)
 
 
-def route_native_logs() -> None:
+# A C function that ignores the log line: libc's `abs` reads only its first argument (the level), and its
+# result is dropped, which the platform's C calling convention allows.
+_DISCARD = ctypes.cast(ctypes.CDLL(None).abs, llama_cpp.llama_log_callback)
+
+
+@contextlib.contextmanager
+def native_logs_while_loading() -> Iterator[None]:
+    """llama.cpp's log lines reach Python logging while a model loads (what was loaded, and why it failed);
+    after that they are dropped in C unless the gateway logs at debug level. A Python callback takes the
+    GIL for every line, and CUDA builds log one on every decode step ("CUDA Graph id ... reused"): on an
+    H100 the engine thread spent a quarter of its time waiting for the GIL there (docs/BENCHMARKS.md)."""
     llama_cpp.llama_log_set(_log_to_python, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        if not _native_log.isEnabledFor(logging.DEBUG):
+            llama_cpp.llama_log_set(_DISCARD, ctypes.c_void_p(0))
 
 
 class Vocab:
