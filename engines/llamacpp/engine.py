@@ -17,12 +17,11 @@ from engines.base import (
     Delta,
     Embeddings,
     EngineConfig,
-    EngineInfo,
-    EngineNotReady,
     Prompt,
     SamplingParams,
     UnsupportedFeature,
 )
+from engines.common import BaseEngine
 from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, native_logs_while_loading
 from engines.llamacpp.scheduler import Scheduler
 from engines.text import tokenize
@@ -32,41 +31,24 @@ log = logging.getLogger(__name__)
 MAX_EMBEDDING_TOKENS = 512
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(BaseEngine[Scheduler]):
     name = "llamacpp"
 
     def __init__(self, config: EngineConfig):
-        self.config = config
-        self._state = "loading"
-        self._error: str | None = None
+        super().__init__(config)
         self._model = None
         self._ctx = None
         self._embed_ctx = None
         self._vocab: Vocab | None = None
         self._chat_formatter: Jinja2ChatFormatter | None = None
         self._scheduler: Scheduler | None = None
-        self._embedding_dimensions: int | None = None
+        self._n_embd: int | None = None  # the embedding width, known when embeddings are on
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def load(self) -> None:
-        try:
-            with native_logs_while_loading():
-                await asyncio.to_thread(self._load_blocking)
-        except Exception as exc:
-            self._state, self._error = "failed", str(exc)
-            raise
-        config = self.config
-        self._scheduler = Scheduler(
-            self._ctx,
-            self._vocab,
-            slots=config.parallel,
-            batch_size=config.batch_size,
-            context_length=config.context_length,
-            max_waiting=config.max_waiting,
-            reuse_prefixes=config.options.get("enable_prefix_caching") is not False,
-        )
-        self._state = "ready"
+        with native_logs_while_loading():
+            await super().load()
 
     def _load_blocking(self) -> None:
         config = self.config
@@ -87,7 +69,7 @@ class LlamaCppEngine:
         if config.embedding:
             size = self._embedding_window()
             self._embed_ctx = self._new_context(n_ctx=size, n_batch=size, n_seq_max=1, embeddings=True)
-            self._embedding_dimensions = llama_cpp.llama_model_n_embd(self._model)
+            self._n_embd = llama_cpp.llama_model_n_embd(self._model)
 
     def _embedding_window(self) -> int:
         # A pooled embedding needs the whole input in one micro-batch, and the compute buffer grows
@@ -124,6 +106,21 @@ class LlamaCppEngine:
             bos_token=vocab.piece(vocab.bos, special=True).decode(errors="replace"),
         )
 
+    def _start(self) -> None:
+        config = self.config
+        self._scheduler = Scheduler(
+            self._ctx,
+            self._vocab,
+            slots=config.parallel,
+            batch_size=config.batch_size,
+            context_length=config.context_length,
+            max_waiting=config.max_waiting,
+            reuse_prefixes=config.options.get("enable_prefix_caching") is not False,
+        )
+
+    def _runner(self) -> Scheduler | None:
+        return self._scheduler
+
     async def close(self) -> None:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
@@ -136,34 +133,24 @@ class LlamaCppEngine:
         self._ctx = self._embed_ctx = self._model = None
         self._state = "closed"
 
-    def info(self) -> EngineInfo:
-        scheduler = self._scheduler
-        return EngineInfo(
-            engine=self.name,
-            model=self.config.served_name,
-            device="cuda" if self.config.gpu_layers else "cpu",
-            state=self._state,
-            context_length=self.config.context_length,
-            embedding_dimensions=self._embedding_dimensions,
-            memory_bytes=self._footprint() if self._model else 0,
-            running=scheduler.running if scheduler else 0,
-            waiting=scheduler.waiting if scheduler else 0,
-            error=self._error,
-        )
+    # ---- info ------------------------------------------------------------------------------
 
-    def _footprint(self) -> int:
+    def _device_type(self) -> str:
+        return "cuda" if self.config.gpu_layers else "cpu"
+
+    def _embedding_dimensions(self) -> int | None:
+        return self._n_embd
+
+    def _memory_bytes(self) -> int:
         """Weights plus the f16 KV cache of every context: what the memory governor counts for this model."""
         model = self._model
+        if not model:
+            return 0
         head_dim = llama_cpp.llama_model_n_embd(model) // max(llama_cpp.llama_model_n_head(model), 1)
         per_cell = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
         cells = self.config.context_length * self.config.parallel
         cells += self._embedding_window() if self._embed_ctx else 0
         return llama_cpp.llama_model_size(model) + per_cell * cells
-
-    def _require_ready(self) -> Scheduler:
-        if self._state != "ready" or self._scheduler is None:
-            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
-        return self._scheduler
 
     # ---- prompts ---------------------------------------------------------------------------
 
@@ -236,6 +223,6 @@ class LlamaCppEngine:
         finally:
             batch.free()
         pointer = llama_cpp.llama_get_embeddings_seq(self._embed_ctx, 0)
-        vector = np.ctypeslib.as_array(pointer, shape=(self._embedding_dimensions,)).astype(np.float64)
+        vector = np.ctypeslib.as_array(pointer, shape=(self._n_embd,)).astype(np.float64)
         norm = np.linalg.norm(vector)
         return (vector / norm if norm > 0 else vector).tolist()

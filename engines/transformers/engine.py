@@ -15,16 +15,8 @@ import llguidance.hf
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from engines.base import (
-    Delta,
-    Embeddings,
-    EngineConfig,
-    EngineInfo,
-    EngineNotReady,
-    Prompt,
-    SamplingParams,
-    UnsupportedFeature,
-)
+from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, UnsupportedFeature
+from engines.common import BaseEngine
 from engines.hf_prompts import HFPrompts
 from engines.transformers.sampling import TokenChooser, json_matcher
 from engines.transformers.worker import Worker, eos_ids
@@ -54,11 +46,11 @@ def pretrained_source(path: Path) -> tuple[str, dict]:
     return (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path), {})
 
 
-class TransformersEngine(HFPrompts):
+class TransformersEngine(HFPrompts, BaseEngine[Worker]):
     name = "transformers"
 
     def __init__(self, config: EngineConfig):
-        self.config = config
+        super().__init__(config)
         self._quantization = config.options.get("quantization")
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         # Configuration mistakes stop start-up here, before the server listens.
@@ -67,8 +59,6 @@ class TransformersEngine(HFPrompts):
             raise ValueError(f"LLM_QUANTIZATION={self._quantization!r} is not one the transformers engine knows ({choices})")
         if self._quantization in NEEDS_CUDA and self._device != "cuda":
             raise ValueError(f"LLM_QUANTIZATION={self._quantization} needs bitsandbytes on a CUDA GPU; none is visible")
-        self._state = "loading"
-        self._error: str | None = None
         self._model = None
         self._tokenizer = None
         self._grammar_tokenizer = None
@@ -79,17 +69,6 @@ class TransformersEngine(HFPrompts):
         return self.config.options.get("task") == "embed"
 
     # ---- lifecycle -------------------------------------------------------------------------
-
-    async def load(self) -> None:
-        try:
-            await asyncio.to_thread(self._load_blocking)
-        except Exception as exc:
-            self._state, self._error = "failed", str(exc)
-            raise
-        config = self.config
-        self._worker = Worker(self._model, self._tokenizer, slots=config.parallel,
-                              context_length=config.context_length, max_waiting=config.max_waiting)  # fmt: skip
-        self._state = "ready"
 
     def _load_blocking(self) -> None:
         path = Path(self.config.model_path)
@@ -105,6 +84,22 @@ class TransformersEngine(HFPrompts):
         if not self._embeds_only:
             self._grammar_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos_ids(model, self._tokenizer))
 
+    def _start(self) -> None:
+        config = self.config
+        self._worker = Worker(self._model, self._tokenizer, slots=config.parallel,
+                              context_length=config.context_length, max_waiting=config.max_waiting)  # fmt: skip
+
+    def _runner(self) -> Worker | None:
+        return self._worker
+
+    def _require_ready(self, generating: bool = True) -> Worker:
+        worker = super()._require_ready()
+        if generating and self._embeds_only:
+            raise UnsupportedFeature(
+                f"model {self.config.served_name!r} is an embedding model; use /v1/embeddings", param="model"
+            )
+        return worker
+
     async def close(self) -> None:
         if self._worker is not None:
             await asyncio.to_thread(self._worker.stop)
@@ -112,34 +107,21 @@ class TransformersEngine(HFPrompts):
         self._model = None
         self._state = "closed"
 
-    def info(self) -> EngineInfo:
-        worker, model = self._worker, self._model
-        return EngineInfo(
-            engine=self.name,
-            model=self.config.served_name,
-            device=self._device,
-            state=self._state,
-            context_length=self._window(),
-            embedding_dimensions=model.config.hidden_size if model is not None else None,
-            memory_bytes=model.get_memory_footprint() if model is not None else 0,
-            running=worker.running if worker else 0,
-            waiting=worker.waiting if worker else 0,
-            error=self._error,
-        )
+    # ---- info ------------------------------------------------------------------------------
 
-    def _window(self) -> int:
+    def _device_type(self) -> str:
+        return self._device
+
+    def _embedding_dimensions(self) -> int | None:
+        return self._model.config.hidden_size if self._model is not None else None
+
+    def _memory_bytes(self) -> int:
+        return self._model.get_memory_footprint() if self._model is not None else 0
+
+    def _context_length(self) -> int:
         """Tokens a request may use: LLM_CTX, capped by the positions the model was trained on."""
         trained = getattr(self._model.config, "max_position_embeddings", None) if self._model is not None else None
         return min(self.config.context_length, trained or self.config.context_length)
-
-    def _require_ready(self, generating: bool = True) -> Worker:
-        if self._state != "ready" or self._worker is None:
-            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
-        if generating and self._embeds_only:
-            raise UnsupportedFeature(
-                f"model {self.config.served_name!r} is an embedding model; use /v1/embeddings", param="model"
-            )
-        return self._worker
 
     # ---- generation ------------------------------------------------------------------------
 
@@ -167,7 +149,7 @@ class TransformersEngine(HFPrompts):
         worker = self._require_ready(generating=False)
         if not self._embeds_only and not self.config.embedding:
             raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
-        token_lists = await self._embedding_inputs(inputs, self._window())
+        token_lists = await self._embedding_inputs(inputs, self._context_length())
         vectors = await worker.call(lambda: [self._embed_one(tokens) for tokens in token_lists])
         return Embeddings(vectors=vectors, prompt_tokens=sum(len(t) for t in token_lists))
 

@@ -28,13 +28,12 @@ from engines.base import (  # noqa: E402
     Embeddings,
     EngineConfig,
     EngineError,
-    EngineInfo,
-    EngineNotReady,
     Prompt,
     SamplingParams,
     TokenLogprob,
     UnsupportedFeature,
 )
+from engines.common import BaseEngine  # noqa: E402
 from engines.hf_prompts import HFPrompts  # noqa: E402
 
 
@@ -44,14 +43,12 @@ def hf_directory(model_path: str) -> str:
     return str(path.with_name(path.stem + "-hf")) if path.suffix == ".gguf" else model_path
 
 
-class VllmEngine(HFPrompts):
+class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     name = "vllm"
 
     def __init__(self, config: EngineConfig):
-        self.config = config
+        super().__init__(config)
         self._embeds_only = config.options.get("task") == "embed"
-        self._state = "loading"
-        self._error: str | None = None
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._running = 0
@@ -63,12 +60,7 @@ class VllmEngine(HFPrompts):
     async def load(self) -> None:
         self._older_children = set(multiprocessing.active_children())
         self._load_ended = threading.Event()
-        try:
-            await asyncio.to_thread(self._load_blocking)
-        except Exception as exc:
-            self._state, self._error = "failed", str(exc)
-            raise
-        self._state = "ready"
+        await super().load()
 
     def _load_blocking(self) -> None:
         try:
@@ -103,6 +95,16 @@ class VllmEngine(HFPrompts):
             disable_log_stats=True,
         )
 
+    def _runner(self) -> AsyncLLM | None:
+        return self._llm
+
+    def _require_ready(self, generating: bool = True) -> AsyncLLM:
+        llm = super()._require_ready()
+        if generating == self._embeds_only:
+            use = "/v1/embeddings" if self._embeds_only else "an embedding model (LLM_EMBEDDING_MODEL)"
+            raise UnsupportedFeature(f"model {self.config.served_name!r} cannot do this here; use {use}", param="model")
+        return llm
+
     async def close(self) -> None:
         if self._load_ended is not None:
             await asyncio.to_thread(self._end_load)
@@ -123,29 +125,22 @@ class VllmEngine(HFPrompts):
             for process in set(multiprocessing.active_children()) - self._older_children:
                 kill_process_tree(process.pid)
 
-    def info(self) -> EngineInfo:
-        llm = self._llm
-        model_config = llm.model_config if llm is not None else None
-        return EngineInfo(
-            engine=self.name,
-            model=self.config.served_name,
-            device=str(llm.vllm_config.device_config.device_type) if llm is not None else "unknown",
-            state=self._state,
-            context_length=model_config.max_model_len if model_config else self.config.context_length,
-            embedding_dimensions=model_config.get_hidden_size() if model_config else None,
-            memory_bytes=_directory_bytes(hf_directory(self.config.model_path)),
-            running=self._running,
-            waiting=0,  # vLLM schedules every submitted request at once; it does not expose its queue
-            error=self._error,
-        )
+    # ---- info ------------------------------------------------------------------------------
 
-    def _require_ready(self, generating: bool = True) -> AsyncLLM:
-        if self._state != "ready" or self._llm is None:
-            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
-        if generating == self._embeds_only:
-            use = "/v1/embeddings" if self._embeds_only else "an embedding model (LLM_EMBEDDING_MODEL)"
-            raise UnsupportedFeature(f"model {self.config.served_name!r} cannot do this here; use {use}", param="model")
-        return self._llm
+    def _device_type(self) -> str:
+        return str(self._llm.vllm_config.device_config.device_type) if self._llm is not None else "unknown"
+
+    def _embedding_dimensions(self) -> int | None:
+        return self._llm.model_config.get_hidden_size() if self._llm is not None else None
+
+    def _memory_bytes(self) -> int:
+        return _directory_bytes(hf_directory(self.config.model_path))
+
+    def _context_length(self) -> int:
+        return self._llm.model_config.max_model_len if self._llm is not None else self.config.context_length
+
+    def _queue_lengths(self) -> tuple[int, int]:
+        return self._running, 0  # vLLM schedules every submitted request at once; it does not expose its queue
 
     # ---- generation ------------------------------------------------------------------------
 

@@ -1,0 +1,95 @@
+"""Bookkeeping every in-process engine does alike: its state through load and close, the ready check, `info()`.
+
+`engines.base.Engine` stays the interface the gateway calls; `BaseEngine` only spares each engine writing
+the same state handling again. An engine keeps what is its own: loading its model, serving requests, and
+the figures `info()` reports (the hooks at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
+
+from engines.base import EngineConfig, EngineInfo, EngineNotReady
+
+Runner = TypeVar("Runner")  # what serves an engine's requests: a scheduler, a worker, an AsyncLLM
+
+
+class BaseEngine(ABC, Generic[Runner]):
+    """State: "loading", then "ready" once `load()` succeeds or "failed" with its error.
+
+    Each engine's own `close()` frees what it loaded and ends with the state "closed".
+    """
+
+    name: str
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._state = "loading"
+        self._error: str | None = None
+
+    async def load(self) -> None:
+        try:
+            await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:
+            # Kept for info(): the gateway reports why a model is not serving.
+            self._state, self._error = "failed", str(exc)
+            raise
+        self._start()
+        self._state = "ready"
+
+    @abstractmethod
+    def _load_blocking(self) -> None:
+        """Load the model; runs on a thread, as it blocks for seconds or minutes."""
+
+    def _start(self) -> None:
+        """Build the runner once the model is loaded, on the event loop (worker threads report to it).
+
+        Nothing by default, for an engine whose load builds its runner."""
+
+    @abstractmethod
+    def _runner(self) -> Runner | None:
+        """What serves requests; None before the load and after close."""
+
+    def _require_ready(self) -> Runner:
+        runner = self._runner()
+        if self._state != "ready" or runner is None:
+            raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
+        return runner
+
+    def info(self) -> EngineInfo:
+        running, waiting = self._queue_lengths()
+        return EngineInfo(
+            engine=self.name,
+            model=self.config.served_name,
+            device=self._device_type(),
+            state=self._state,
+            context_length=self._context_length(),
+            embedding_dimensions=self._embedding_dimensions(),
+            memory_bytes=self._memory_bytes(),
+            running=running,
+            waiting=waiting,
+            error=self._error,
+        )
+
+    # ---- info() hooks ----------------------------------------------------------------------
+
+    @abstractmethod
+    def _device_type(self) -> str: ...
+
+    @abstractmethod
+    def _memory_bytes(self) -> int:
+        """What the model holds in memory; 0 while none is loaded."""
+
+    @abstractmethod
+    def _embedding_dimensions(self) -> int | None: ...
+
+    def _context_length(self) -> int:
+        """Tokens a request may use."""
+        return self.config.context_length
+
+    def _queue_lengths(self) -> tuple[int, int]:
+        """Requests running and waiting, by default as a `WorkerThread` runner counts them."""
+        runner = self._runner()
+        return (runner.running, runner.waiting) if runner is not None else (0, 0)
