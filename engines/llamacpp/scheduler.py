@@ -128,14 +128,7 @@ class Scheduler(WorkerThread):
 
     def _place(self, sequence: Sequence) -> None:
         """Give the sequence a slot, keeping the part of its prompt that slot's KV cache already holds."""
-        # The lowest free slot keeps running slots contiguous (see _step); another wins with a long prefix.
-        slot, shared = self._free_slots[0], 0
-        if self._reuse_prefixes:
-            shared = _common_prefix(self._slot_tokens[slot], sequence.tokens)
-            for free in self._free_slots:
-                common = _common_prefix(self._slot_tokens[free], sequence.tokens)
-                if common >= MIN_PREFIX_REUSE and (common, -free) > (shared, -slot):
-                    slot, shared = free, common
+        slot, shared = self._choose_slot(sequence.tokens) if self._reuse_prefixes else (self._free_slots[0], 0)
         self._free_slots.remove(slot)
         heapq.heapify(self._free_slots)
         keep = min(shared, len(sequence.tokens) - 1)  # the last prompt token is decoded again for its logits
@@ -144,6 +137,18 @@ class Scheduler(WorkerThread):
             keep = 0
         sequence.slot, sequence.n_cached, sequence.reused = slot, keep, keep
         self._slot_tokens[slot] = []
+
+    def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot for a prompt, and how many of its tokens that slot's KV cache holds.
+
+        The lowest free slot keeps running slots contiguous (see _step). A slot whose cache shares at least
+        MIN_PREFIX_REUSE tokens with the prompt may take its place: the one sharing most wins, the lower on a tie.
+        """
+        lowest = self._free_slots[0]
+        shared = {slot: _common_prefix(self._slot_tokens[slot], prompt) for slot in self._free_slots}
+        candidates = [slot for slot in shared if slot == lowest or shared[slot] >= MIN_PREFIX_REUSE]
+        best = max(candidates, key=lambda slot: (shared[slot], -slot))
+        return best, shared[best]
 
     def _step(self) -> None:
         batch = self._batch
