@@ -52,6 +52,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._running = 0
+        self._weights_bytes = 0  # measured once at load: info() runs on every request's path
         self._load_ended: threading.Event | None = None  # set when a started load's thread returns
         self._older_children: set = set()  # this process's children before the load began
 
@@ -72,6 +73,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
                 raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
             # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
             self._llm = AsyncLLM.from_engine_args(self._engine_args(model))
+            self._weights_bytes = _directory_bytes(model)
         finally:
             self._load_ended.set()
 
@@ -134,7 +136,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         return self._llm.model_config.get_hidden_size() if self._llm is not None else None
 
     def _memory_bytes(self) -> int:
-        return _directory_bytes(hf_directory(self.config.model_path))
+        return self._weights_bytes if self._llm is not None else 0
 
     def _context_length(self) -> int:
         return self._llm.model_config.max_model_len if self._llm is not None else self.config.context_length
