@@ -143,6 +143,10 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
+    def context_length(self) -> int:
+        """Tokens a request may use (prompt and completion): what every request's budget reads, so cheap."""
+        ...
+
     async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
         """Apply the model's chat template and tokenize."""
         ...

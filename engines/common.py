@@ -65,7 +65,7 @@ class BaseEngine(ABC, Generic[Runner]):
             model=self.config.served_name,
             device=self._device_type(),
             state=self._state,
-            context_length=self._context_length(),
+            context_length=self.context_length(),
             embedding_dimensions=self._embedding_dimensions(),
             memory_bytes=self._memory_bytes(),
             running=running,
@@ -85,7 +85,7 @@ class BaseEngine(ABC, Generic[Runner]):
     @abstractmethod
     def _embedding_dimensions(self) -> int | None: ...
 
-    def _context_length(self) -> int:
+    def context_length(self) -> int:
         """Tokens a request may use."""
         return self.config.context_length
 

@@ -25,7 +25,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobod
 
 def fit_max_tokens(engine: Engine, prompt_tokens: int, requested: int | None, param: str = "messages") -> int:
     """The completion budget: what was asked, or all that is left of the context; 400 if it cannot fit."""
-    context = engine.info().context_length
+    # Not info(): that also measures the model's memory, which no request needs.
+    context = engine.context_length()
     available = context - prompt_tokens
     if requested is None and available > 0:
         return available

@@ -137,6 +137,9 @@ class ManagedModel:
     def info(self) -> EngineInfo:
         return dataclasses.replace(self._engine.info(), model=self.served_name, state=self.state, error=self._error)
 
+    def context_length(self) -> int:
+        return self._engine.context_length()
+
     async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
         await self.ensure_loaded()
         return await self._engine.render_chat(messages)

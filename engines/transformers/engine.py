@@ -118,7 +118,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
     def _memory_bytes(self) -> int:
         return self._model.get_memory_footprint() if self._model is not None else 0
 
-    def _context_length(self) -> int:
+    def context_length(self) -> int:
         """Tokens a request may use: LLM_CTX, capped by the positions the model was trained on."""
         trained = getattr(self._model.config, "max_position_embeddings", None) if self._model is not None else None
         return min(self.config.context_length, trained or self.config.context_length)
@@ -149,7 +149,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         worker = self._require_ready(generating=False)
         if not self._embeds_only and not self.config.embedding:
             raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
-        token_lists = await self._embedding_inputs(inputs, self._context_length())
+        token_lists = await self._embedding_inputs(inputs, self.context_length())
         vectors = await worker.call(lambda: [self._embed_one(tokens) for tokens in token_lists])
         return Embeddings(vectors=vectors, prompt_tokens=sum(len(t) for t in token_lists))
 

@@ -138,7 +138,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     def _memory_bytes(self) -> int:
         return self._weights_bytes if self._llm is not None else 0
 
-    def _context_length(self) -> int:
+    def context_length(self) -> int:
         return self._llm.model_config.max_model_len if self._llm is not None else self.config.context_length
 
     def _queue_lengths(self) -> tuple[int, int]:
