@@ -27,22 +27,14 @@ export PYTHONPATH=/tmp/site6:$SRC LLAMA_CPP_LIB_PATH=$BUILD/bin PYTHONUNBUFFERED
 export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6)
 [ -d "$SRC" ] || tar -xzf "$CARRY/llama-src.tar.gz" -C "$WORK"
 
-start_bg() {  # name, command: runs detached so that it outlives this call; writes $WORK/name.done when over
-  [ -e "$WORK/$1.started" ] && return; touch "$WORK/$1.started"
-  setsid bash -c "$2 > $WORK/$1.log 2>&1; echo \$? > $WORK/$1.done" < /dev/null &
-}
-start_bg build "cmake -S $SRC/vendor/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+. "$REPO/scripts/device_steps.sh"
+run_once build "cmake -S $SRC/vendor/llama.cpp -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
   -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
   && cmake --build $BUILD --target llama llama-server -j $(nproc)"
-start_bg model "python3 $REPO/scripts/make_random_model.py $CARRY/tokenizer $WORK/model $SRC/vendor/llama.cpp"
-while [ ! -e "$WORK/build.done" ] || [ ! -e "$WORK/model.done" ]; do
-  if [ $SECONDS -ge $DEADLINE ]; then echo "still building; call again"; tail -n 3 "$WORK"/*.log; exit 3; fi
-  sleep 5
-done
-for step in build model; do
-  if [ "$(cat "$WORK/$step.done")" != 0 ]; then echo "$step failed"; tail -n 40 "$WORK/$step.log"; exit 1; fi
-done
+run_once model "python3 $REPO/scripts/make_random_model.py $CARRY/tokenizer $WORK/model $SRC/vendor/llama.cpp"
+wait_for build || exit $?
+wait_for model || exit $?
 echo "build and model ready after ${SECONDS}s"; ls -la "$BUILD/bin" | head -20
 cd "$REPO" && python3 scripts/bench_llamacpp.py --model "$MODEL" --llama-server "$BUILD/bin/llama-server" \
   --gpu-layers 99 --threads 8 --ctx 1024 --parallel 16 --reps "${REPS:-3}" --name bench_llamacpp_gpu "$@"

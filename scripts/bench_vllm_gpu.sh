@@ -29,17 +29,7 @@ fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 cd "$REPO" || exit 1
 
-run_once() {  # name, command: detached so that it outlives this call; writes $WORK/name.done when over
-  [ -e "$WORK/$1.started" ] && return; touch "$WORK/$1.started"
-  setsid bash -c "$2 > $WORK/$1.log 2>&1; echo \$? > $WORK/$1.done" < /dev/null &
-}
-wait_for() {  # name: 0 when it ended well, 1 when it failed, 3 when this call's time is up first
-  while [ ! -e "$WORK/$1.done" ]; do
-    if [ $SECONDS -ge $DEADLINE ]; then echo "$1 still running; call again"; tail -n 5 "$WORK/$1.log"; return 3; fi
-    sleep 5
-  done
-  [ "$(cat "$WORK/$1.done")" = 0 ] || { echo "$1 failed"; tail -n 40 "$WORK/$1.log"; return 1; }
-}
+. "$REPO/scripts/device_steps.sh"
 run_once model "python3 scripts/make_random_model.py $CARRY/tokenizer $WORK/model"
 wait_for model || exit $?
 run_once bench "python3 scripts/bench_vllm.py --python python3 --model $WORK/model/hf --name bench_vllm_gpu $*"
