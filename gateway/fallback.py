@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -33,6 +33,7 @@ from gateway.targets import CapabilityMismatch, Outcome, TargetFailure
 log = logging.getLogger(__name__)
 TARGET_HEADER = "x-llm-target"
 TIMEOUT_HEADER = "x-request-timeout"
+T = TypeVar("T")
 
 
 async def dispatch(request: Request, endpoint: str, body: ModelRequest) -> Response:
@@ -100,19 +101,54 @@ async def _within(deadline: Deadline, work: Awaitable[Outcome], record: RequestR
 
 async def _relay(outcome: Outcome, deadline: Deadline, charge: Callable[[], None]) -> AsyncIterator[str]:
     """Pass events on as they come, until the deadline; then charge the key for the tokens used."""
+    alarm = _Alarm(deadline.at)
     try:
         async with contextlib.aclosing(outcome.events) as events:
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline.at):
-                        event = await anext(events)
+                    event = await alarm.next_of(events)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
                     raise deadline.expired(outcome.target) from None
                 yield event
     finally:
+        alarm.disarm()
         charge()
+
+
+class _Alarm:
+    """One loop timer for a whole stream that cuts short only the waits for its next event.
+    (asyncio.timeout around each event armed and cancelled a timer per token.)"""
+
+    def __init__(self, at: float):
+        self._timer = asyncio.get_running_loop().call_at(at, self._ring)
+        self._rang = False
+        self._waiting: asyncio.Task | None = None  # the task inside `next_of`, if any
+        self._cancelled: asyncio.Task | None = None
+
+    def _ring(self) -> None:
+        self._rang = True
+        if self._waiting is not None:
+            self._cancelled = self._waiting
+            self._waiting.cancel()
+
+    async def next_of(self, events: AsyncIterator[T]) -> T:
+        """The next event, or TimeoutError once the alarm rings (at once if it has rung already)."""
+        if self._rang:
+            raise TimeoutError
+        self._waiting = task = asyncio.current_task()
+        try:
+            return await anext(events)
+        except asyncio.CancelledError:
+            if self._cancelled is task and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise  # cancelled by someone else too (a disconnect, a shutdown)
+        finally:
+            self._waiting = None
+
+    def disarm(self) -> None:
+        self._timer.cancel()
 
 
 def _charge(limits: KeyLimits | None, record: RequestRecord) -> None:

@@ -315,6 +315,20 @@ def test_a_remote_target_outlasting_the_deadline_gives_504_naming_it(client, rou
     assert response.json()["error"]["code"] == "timeout"
 
 
+def test_a_deadline_passing_mid_stream_ends_it_with_a_timeout_event_and_frees_the_engine(routed):
+    headers = {"Authorization": f"Bearer {GATEWAY_KEY}", "x-request-timeout": "4"}  # the first token comes sooner
+    body = {"model": "local-only", "messages": [{"role": "user", "content": "Tell a long story."}], "stream": True}
+    started = time.monotonic()
+    with httpx.stream("POST", routed.v1 + "/chat/completions", json={**body, **LONG}, headers=headers, timeout=30) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert time.monotonic() - started < 15  # 3000 tokens take minutes on this machine
+    assert any('"content":"' in event for event in events[:-2])
+    assert json.loads(events[-2])["error"]["type"] == "timeout_error"
+    assert events[-1] == "[DONE]"
+    wait_idle(routed, within=10.0)
+
+
 def test_a_client_too_slow_to_send_its_body_gets_408(routed):
     host, port = routed.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:

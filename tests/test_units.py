@@ -166,3 +166,48 @@ def test_llama_cpp_logs_reach_python_only_while_a_model_loads(caplog):
             pass
         with caplog.at_level("DEBUG", logger="llama-cpp-python"):
             assert load_vocab() == 0
+
+
+def test_the_sse_send_we_override_is_one_sse_starlette_calls():
+    from sse_starlette import EventSourceResponse
+
+    from gateway.generation import _EventStream
+
+    assert "_send_with_timeout" in vars(EventSourceResponse)  # else the override below changes nothing
+    assert "_send_with_timeout" in vars(_EventStream)
+
+
+def test_stream_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
+    from gateway.fallback import _Alarm
+
+    async def events(*pauses: float):
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            yield pause
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        seen = []
+        alarm = _Alarm(loop.time() + 0.05)
+        stream = events(0, 5, 0)
+        assert await alarm.next_of(stream) == 0
+        try:
+            await alarm.next_of(stream)
+        except TimeoutError:
+            seen.append("timeout")
+        assert asyncio.current_task().cancelling() == 0  # the alarm's own cancellation was taken back
+        try:
+            await alarm.next_of(events(0))
+        except TimeoutError:
+            seen.append("timeout again")
+
+        other = _Alarm(loop.time() + 0.05)
+        waiter = asyncio.create_task(other.next_of(events(5)))
+        await asyncio.sleep(0.01)
+        waiter.cancel()  # a disconnect, say, before the alarm rings
+        await asyncio.sleep(0.1)
+        seen.append("cancelled" if waiter.cancelled() else "not cancelled")
+        other.disarm()
+        return seen
+
+    assert asyncio.run(scenario()) == ["timeout", "timeout again", "cancelled"]
