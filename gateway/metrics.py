@@ -13,6 +13,7 @@ engines at scrape time by `EngineCollector`, so they are never stale.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -63,13 +64,25 @@ MODEL_EVENTS = Counter(
 
 def observe_request(record) -> None:
     """Count a finished request (a `gateway.observability.RequestRecord`)."""
-    model = record.model or ""
-    REQUESTS.labels(record.route, model, record.target, str(record.status)).inc()
-    REQUEST_LATENCY.labels(record.route, model, record.target).observe(record.elapsed())
+    requests, latency, prompt, completion = _request_series(record.route, record.model or "", record.target, record.status)
+    requests.inc()
+    latency.observe(record.elapsed())
     if record.prompt_tokens:
-        PROMPT_TOKENS.labels(model, record.target).inc(record.prompt_tokens)
+        prompt.inc(record.prompt_tokens)
     if record.completion_tokens:
-        COMPLETION_TOKENS.labels(model, record.target).inc(record.completion_tokens)
+        completion.inc(record.completion_tokens)
+
+
+@functools.lru_cache(maxsize=4096)
+def _request_series(route: str, model: str, target: str, status: int) -> tuple:
+    """The four series a request's labels name, looked up once: `labels()` validates and locks on every call.
+    (Label values are few: route templates, configured model names, targets and status codes.)"""
+    return (
+        REQUESTS.labels(route, model, target, str(status)),
+        REQUEST_LATENCY.labels(route, model, target),
+        PROMPT_TOKENS.labels(model, target),
+        COMPLETION_TOKENS.labels(model, target),
+    )
 
 
 def observe_first_token(record) -> None:

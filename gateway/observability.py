@@ -133,6 +133,7 @@ class RequestIdMiddleware:
             record.status = record.status or 500  # Starlette's outer error middleware answers it
             raise
         finally:
-            access_log.info("request", extra={"fields": record.log_fields()})
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("request", extra={"fields": record.log_fields()})
             metrics.observe_request(record)
             _current.reset(token)
