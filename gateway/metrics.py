@@ -64,7 +64,8 @@ MODEL_EVENTS = Counter(
 
 def observe_request(record) -> None:
     """Count a finished request (a `gateway.observability.RequestRecord`)."""
-    requests, latency, prompt, completion = _request_series(record.route, record.model or "", record.target, record.status)
+    series = _request_series(record.route, record.model or "", record.target, record.status)
+    requests, latency, prompt, completion = series
     requests.inc()
     latency.observe(record.elapsed())
     if record.prompt_tokens:
