@@ -125,12 +125,10 @@ class _Alarm:
         self._timer = asyncio.get_running_loop().call_at(at, self._ring)
         self._rang = False
         self._waiting: asyncio.Task | None = None  # the task inside `next_of`, if any
-        self._cancelled: asyncio.Task | None = None
 
     def _ring(self) -> None:
         self._rang = True
         if self._waiting is not None:
-            self._cancelled = self._waiting
             self._waiting.cancel()
 
     async def next_of(self, events: AsyncIterator[T]) -> T:
@@ -141,7 +139,8 @@ class _Alarm:
         try:
             return await anext(events)
         except asyncio.CancelledError:
-            if self._cancelled is task and task.uncancel() == 0:
+            # Having rung, the alarm cancelled this task: only `next_of` waits, and it starts no wait once rung.
+            if self._rang and task.uncancel() == 0:
                 raise TimeoutError from None
             raise  # cancelled by someone else too (a disconnect, a shutdown)
         finally:

@@ -52,7 +52,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._running = 0
-        self._weights_bytes = 0  # measured once at load: info() runs on every request's path
+        self._weights_bytes = 0  # measured once at load: /health, /metrics and the memory governor read info()
         self._load_ended: threading.Event | None = None  # set when a started load's thread returns
         self._older_children: set = set()  # this process's children before the load began
 
