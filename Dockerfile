@@ -1,5 +1,5 @@
-# CPU image: llama.cpp compiled for portable x86-64 (AVX2/AVX-512, no host-specific code), the default
-# model baked in. Build: docker build -t local-llm-gateway:cpu .   (the CUDA variant: Dockerfile.cuda)
+# CPU image: llama.cpp compiled for portable x86-64 (AVX2, no host-specific code: it runs on any AVX2 CPU),
+# the default model baked in. Build: docker build -t local-llm-gateway:cpu .   (the CUDA variant: Dockerfile.cuda)
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git \
     && rm -rf /var/lib/apt/lists/*

@@ -9,9 +9,14 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 LLM_ENGINE ?= llamacpp
 
 # llama-cpp-python compiles llama.cpp on install. A native build uses CPU instructions (AMX) that
-# crash on some hosts, so build portable AVX2/AVX-512 code; pip's wheel cache keeps it to one build.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# crash on some hosts, so the instruction sets are named, each only where this CPU has it: an AVX-512
+# build dies with SIGILL on CPUs without AVX-512 (AMD EPYC VMs among them). pip's wheel cache keeps it
+# to one build (its key ignores CMAKE_ARGS: after moving a disk to another CPU, `pip cache remove llama_cpp_python`).
+cpu_has = $(if $(shell grep -m1 -ow '$(1)' /proc/cpuinfo 2>/dev/null),ON,OFF)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
 # Debian's docker-compose validates the compose profiles without a Docker engine (tests/test_deploy.py).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
