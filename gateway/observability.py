@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -115,7 +115,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        record = RequestRecord(request_id=incoming[:128] or uuid.uuid4().hex, method=scope["method"],
+        record = RequestRecord(request_id=incoming[:128] or os.urandom(16).hex(), method=scope["method"],
                                path=scope["path"])  # fmt: skip
         token = _current.set(record)
 

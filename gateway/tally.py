@@ -5,8 +5,9 @@ and the key's tokens-per-minute limit, as local engines put theirs there while g
 from __future__ import annotations
 
 import contextlib
-import json
 import time
+
+from pydantic_core import from_json
 
 from gateway import metrics
 from gateway.observability import RequestRecord
@@ -23,7 +24,7 @@ def record_usage(record: RequestRecord, usage: dict) -> None:
 def record_body_usage(record: RequestRecord, body: bytes) -> None:
     """The usage of a whole reply (nothing when the provider sent none)."""
     with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
-        record_usage(record, json.loads(body)["usage"] or {})
+        record_usage(record, from_json(body)["usage"] or {})
 
 
 class StreamTally:
@@ -40,7 +41,7 @@ class StreamTally:
         """Count one `data` payload; False when it is only the usage the client did not ask for."""
         chunk: dict = {}
         with contextlib.suppress(ValueError):
-            chunk = json.loads(data)
+            chunk = from_json(data)
         if not isinstance(chunk, dict):
             return True  # not a chunk the gateway understands: the client gets it as the provider sent it
         choices = chunk.get("choices") or []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from engines.base import Engine, EngineError, EngineOverloaded
 from gateway.config import RemoteTarget as RemoteConfig
@@ -140,7 +141,8 @@ class RemoteTarget:
         self.name, self.config, self.client, self.breaker = name, config, client, breaker
         self.base_url = config.base_url.rstrip("/")
         key = config.api_key()  # read once at start-up: a missing variable stops it there
-        self.headers = {**config.headers, **({"Authorization": f"Bearer {key}"} if key else {})}
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self.headers = {"Content-Type": "application/json", **config.headers, **auth}
 
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
         # The request as the client sent it (with the wire's field names: by_alias), for the provider's model.
@@ -152,23 +154,23 @@ class RemoteTarget:
         if payload.get("stream"):
             tally = StreamTally(current_request(), client_wants_usage=body.wants_usage())
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-            return Outcome(self.name, events=await primed(self._events(url, payload, headers, tally)))
-        try:
-            async with self._post(url, payload, headers) as response:
+            return Outcome(self.name, events=await primed(self._events(url, to_json(payload), headers, tally)))
+        try:  # pydantic-core's JSON encoder and decoder (tally.py) take a fifth to a third of the json module's time
+            async with self._post(url, to_json(payload), headers) as response:
                 content = await self._read_ok(response)
         except UpstreamUnavailable as error:
             raise self._unreachable(error) from error
         record_body_usage(current_request(), content)
         return Outcome(self.name, body=content)
 
-    def _post(self, url: str, payload: dict, headers: dict[str, str]):
-        return self.client.post(url, payload, headers, self.config.connect_timeout, self.config.read_timeout)
+    def _post(self, url: str, body: bytes, headers: dict[str, str]):
+        return self.client.post(url, body, headers, self.config.connect_timeout, self.config.read_timeout)
 
-    async def _events(self, url: str, payload: dict, headers: dict[str, str], tally: StreamTally,
+    async def _events(self, url: str, body: bytes, headers: dict[str, str], tally: StreamTally,
                       ) -> AsyncIterator[str]:  # fmt: skip
         """The upstream's `data` payloads, relayed one by one as they arrive, without `[DONE]`."""
         try:
-            async with self._post(url, payload, headers) as response:
+            async with self._post(url, body, headers) as response:
                 await self._read_ok(response, streaming=True)
                 first = True
                 async for line in response.lines():

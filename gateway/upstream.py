@@ -36,9 +36,9 @@ class UpstreamResponse(Protocol):
 
 class HttpClient(Protocol):
     def post(
-        self, url: str, payload: dict, headers: dict[str, str], connect_timeout: float, read_timeout: float
+        self, url: str, body: bytes, headers: dict[str, str], connect_timeout: float, read_timeout: float
     ) -> AsyncContextManager[UpstreamResponse]:
-        """POST JSON; the response body is read lazily inside the context and closed when it exits."""
+        """POST a JSON body (encoded); the response body is read lazily inside the context, closed when it exits."""
         ...
 
     async def close(self) -> None: ...
@@ -63,10 +63,10 @@ class HttpxClient:
         self._client = httpx.AsyncClient(limits=limits)
 
     @contextlib.asynccontextmanager
-    async def post(self, url, payload, headers, connect_timeout, read_timeout) -> AsyncIterator[_HttpxResponse]:
+    async def post(self, url, body, headers, connect_timeout, read_timeout) -> AsyncIterator[_HttpxResponse]:
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         try:
-            async with self._client.stream("POST", url, json=payload, headers=headers, timeout=timeout) as response:
+            async with self._client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
                 yield _HttpxResponse(response)
         except httpx.TimeoutException as error:
             raise UpstreamUnavailable(f"{url} timed out ({type(error).__name__})", timed_out=True) from error
@@ -99,10 +99,10 @@ class AiohttpClient:
         self._session = aiohttp.ClientSession(connector=connector)
 
     @contextlib.asynccontextmanager
-    async def post(self, url, payload, headers, connect_timeout, read_timeout) -> AsyncIterator[_AiohttpResponse]:
+    async def post(self, url, body, headers, connect_timeout, read_timeout) -> AsyncIterator[_AiohttpResponse]:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         try:
-            async with self._session.post(url, json=payload, headers=headers, timeout=timeout) as response:
+            async with self._session.post(url, data=body, headers=headers, timeout=timeout) as response:
                 yield _AiohttpResponse(response)
         except (aiohttp.ServerTimeoutError, TimeoutError) as error:
             raise UpstreamUnavailable(f"{url} timed out ({type(error).__name__})", timed_out=True) from error

@@ -49,8 +49,8 @@ async def upstream_app(scope, receive, send):
 
 
 async def one(client, url: str, stream: bool) -> None:
-    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    async with client.post(url, payload, {}, 5, 30) as response:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+    async with client.post(url, body, {"Content-Type": "application/json"}, 5, 30) as response:
         if stream:
             async for _ in response.lines():
                 pass
