@@ -62,8 +62,8 @@ def litellm(work: Path, upstream: Service, executable: str) -> Service:
     service = Service("litellm", [], "/health/liveliness")
     service.command = [executable, "--config", str(config), "--host", "127.0.0.1", "--port", str(service.port),
                        "--num_workers", "1"]  # fmt: skip
-    service.env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
-                   "LITELLM_LOG": "ERROR"}  # fmt: skip
+    service.env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                   "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}  # fmt: skip
     return service
 
 
@@ -134,7 +134,8 @@ def main() -> None:
             for concurrency in args.concurrency:
                 run = {}
                 for service in services[rep % len(services) :] + services[: rep % len(services)]:
-                    run[service.name] = wrk(service.base_url + "/v1/chat/completions", concurrency, args.seconds, script)
+                    url = service.base_url + "/v1/chat/completions"
+                    run[service.name] = wrk(url, concurrency, args.seconds, script)
                     print(f"rep {rep + 1} c={concurrency:>2} {service.name:<8} {run[service.name]}", flush=True)
                 raw[concurrency].append({s.name: run[s.name] for s in services})
     finally:
