@@ -56,7 +56,9 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         # Configuration mistakes stop start-up here, before the server listens.
         if self._quantization not in QUANTIZATIONS:
             choices = ", ".join(q for q in QUANTIZATIONS if q)
-            raise ValueError(f"LLM_QUANTIZATION={self._quantization!r} is not one the transformers engine knows ({choices})")
+            raise ValueError(
+                f"LLM_QUANTIZATION={self._quantization!r} is not one the transformers engine knows ({choices})"
+            )
         if self._quantization in NEEDS_CUDA and self._device != "cuda":
             raise ValueError(f"LLM_QUANTIZATION={self._quantization} needs bitsandbytes on a CUDA GPU; none is visible")
         self._model = None
@@ -82,7 +84,8 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         model = model_class.from_pretrained(source, **extra, **placement, **QUANTIZATIONS[self._quantization]())
         self._model = model.eval()
         if not self._embeds_only:
-            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos_ids(model, self._tokenizer))
+            eos = eos_ids(model, self._tokenizer)
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos)
 
     def _start(self) -> None:
         config = self.config

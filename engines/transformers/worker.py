@@ -118,7 +118,9 @@ class Worker(WorkerThread):
         finish = None
         if end_of_text or hit_stop or sequence.chooser.finished_grammar():  # a complete JSON value ends it too
             finish = "stop"
-        elif sequence.generated >= params.max_tokens or len(sequence.prompt) + sequence.generated >= self._context_length:
+        elif sequence.generated >= params.max_tokens or (
+            len(sequence.prompt) + sequence.generated >= self._context_length
+        ):
             finish = "length"
         if finish and not hit_stop:
             text += sequence.stops.flush()

@@ -177,7 +177,8 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     def _logprobs(self, completion, top: int | None) -> list[TokenLogprob]:
         if top is None or not completion.logprobs:
             return []
-        return [self._token_logprob(token, entry, top) for token, entry in zip(completion.token_ids, completion.logprobs)]
+        pairs = zip(completion.token_ids, completion.logprobs)
+        return [self._token_logprob(token, entry, top) for token, entry in pairs]
 
     def _token_logprob(self, token: int, entry: dict, top: int) -> TokenLogprob:
         best = sorted((item for item in entry.items() if item[1].rank <= top), key=lambda item: item[1].rank)
