@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,7 @@ from typing import Callable
 
 import aiohttp
 from bench_common import (
+    RESULTS_DIR,
     Service,
     exit_on_sigterm,
     machine,
@@ -103,6 +105,10 @@ def run_streams(service: Service, body: dict, concurrency: int) -> dict:
         "stream_tps": [(s.tokens - 1) / (s.last - s.first) for s in streams if s.last > s.first],
         "ttft": [s.first - s.sent for s in streams],
         "tokens": tokens,
+        "wall": wall,
+        # when each stream's first and last text came, from the first request's sending: a late stream sets wall
+        "first_offsets": [s.first - min(t.sent for t in streams) for s in streams],
+        "last_offsets": [s.last - min(t.sent for t in streams) for s in streams],
     }
 
 
@@ -159,16 +165,23 @@ def table(summary: dict, concurrencies: list[int]) -> str:
     return markdown_table(header, rows)
 
 
-def run_benchmark(services: list[Service], args, request_body: Callable[[str], dict]) -> None:
-    """Start every service, measure them in turn, stop them, and write `bench-results/<args.name>.*`."""
+def run_benchmark(services: list[Service], args, request_body: Callable[[str], dict], after=None) -> None:
+    """Start every service, measure them in turn, stop them, and write `bench-results/<args.name>.*`;
+    `after(services)`, if given, runs between the measuring and the stopping."""
     exit_on_sigterm()
     log_dir = Path(tempfile.mkdtemp(prefix=f"{args.name}-"))
     try:
         for service in services:
             service.start(log_dir, timeout=args.start_timeout)
         raw = measure(services, args, request_body)
+        if after is not None:
+            after(services)
     finally:
         stop_all(services)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        for service in services:  # the servers' logs (engine config lines) beside the results
+            if (log_dir / f"{service.name}.log").exists():
+                shutil.copy(log_dir / f"{service.name}.log", RESULTS_DIR / f"{args.name}-{service.name}.log")
     summary = summarize(raw)
     settings = {k: str(v) for k, v in vars(args).items()}
     result = {"machine": machine(), "settings": settings, "summary": summary, "raw": raw}

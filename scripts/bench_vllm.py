@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-gib", type=float, default=1, help="CPU only: KV cache per server")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="GPU only: share per server")
+    parser.add_argument("--profile-seconds", type=float, default=0, help="after the repetitions: profile windows")
+    parser.add_argument("--profile-streams", type=int, default=8, help="concurrent streams in a profile window")
+    parser.add_argument("--profile-rounds", type=int, default=3, help="per-thread CPU windows per server")
     add_stream_arguments(parser, "bench_vllm")
     return parser.parse_args()
 
@@ -77,7 +80,15 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     services = [PEERS[name](args) for name in args.peers.split(",")]
-    run_benchmark(services, args, lambda peer: request_body(args))
+    after = None
+    if args.profile_seconds:  # the servers still up: profile them under a steady load (scripts/profile_servers.py)
+        from bench_common import RESULTS_DIR
+        from profile_servers import profile
+
+        def after(services):
+            profile(services, lambda peer: request_body(args), args, RESULTS_DIR / f"{args.name}-profile")
+
+    run_benchmark(services, args, lambda peer: request_body(args), after=after)
 
 
 if __name__ == "__main__":
