@@ -20,6 +20,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm  # noqa: E402  (reads the environment above at import)
 from transformers import AutoTokenizer  # noqa: E402
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
+from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.utils.system_utils import kill_process_tree  # noqa: E402
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 
@@ -72,7 +73,10 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             if not self._embeds_only and not self._tokenizer.chat_template:
                 raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
             # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
-            self._llm = AsyncLLM.from_engine_args(self._engine_args(model))
+            # As an API server: vLLM sizes its defaults by this context, and AsyncLLM's own (ENGINE_CONTEXT) gets
+            # none of them, e.g. 2,048 batched tokens a step on an H100/H200 where `vllm serve` has 8,192.
+            args = self._engine_args(model)
+            self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
             self._weights_bytes = _directory_bytes(model)
         finally:
             self._load_ended.set()
