@@ -132,14 +132,17 @@ def profile(services, body_of, args, out_dir: Path) -> None:
     for round_ in range(args.profile_rounds):
         order = services[round_ % len(services) :] + services[: round_ % len(services)]
         for service in order:
-            window = {"service": service.name, "round": round_ + 1, **cpu_window(service, body_of(service.name), streams, seconds)}
+            measured = cpu_window(service, body_of(service.name), streams, seconds)
+            window = {"service": service.name, "round": round_ + 1, **measured}
             result["cpu_windows"].append(window)
             top = list(window["cpu_us_per_token"].items())[:3]
-            print(f"cpu round {round_ + 1} {service.name:<11} {window['load']['tps']:7.1f} tok/s  top us/token {top}", flush=True)
+            tps = window["load"]["tps"]
+            print(f"cpu round {round_ + 1} {service.name:<11} {tps:7.1f} tok/s  top us/token {top}", flush=True)
     py_spy = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
     if Path(py_spy).exists():
         for service in services:
-            result["py_spy"][service.name] = pyspy_window(service, body_of(service.name), streams, seconds, out_dir, py_spy)
+            window = pyspy_window(service, body_of(service.name), streams, seconds, out_dir, py_spy)
+            result["py_spy"][service.name] = window
             print(f"py-spy {service.name}: {result['py_spy'][service.name]['load']['tps']:.1f} tok/s", flush=True)
     else:
         print("py-spy not found: no stack profiles")
