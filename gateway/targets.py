@@ -142,7 +142,10 @@ class RemoteTarget:
         self.base_url = config.base_url.rstrip("/")
         key = config.api_key()  # read once at start-up: a missing variable stops it there
         auth = {"Authorization": f"Bearer {key}"} if key else {}
-        self.headers = {"Content-Type": "application/json", **config.headers, **auth}
+        # The body goes out encoded (bytes), so its type is ours to name, unless the config names one itself.
+        own_type = any(name.lower() == "content-type" for name in config.headers)
+        json_type = {} if own_type else {"Content-Type": "application/json"}
+        self.headers = {**json_type, **config.headers, **auth}
 
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
         # The request as the client sent it (with the wire's field names: by_alias), for the provider's model.
