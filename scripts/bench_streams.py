@@ -98,7 +98,8 @@ def run_streams(service: Service, body: dict, concurrency: int) -> dict:
             start_at = time.time() + 1.0  # every process started and ready
             futures = [pool.submit(client_streams, url, body, share, start_at) for share in shares]
             streams = [stream for future in futures for stream in future.result()]
-    wall = max(s.last for s in streams) - min(s.sent for s in streams)
+    start = min(s.sent for s in streams)
+    wall = max(s.last for s in streams) - start
     tokens = sum(s.tokens for s in streams)
     return {
         "aggregate_tps": tokens / wall,
@@ -107,8 +108,8 @@ def run_streams(service: Service, body: dict, concurrency: int) -> dict:
         "tokens": tokens,
         "wall": wall,
         # when each stream's first and last text came, from the first request's sending: a late stream sets wall
-        "first_offsets": [s.first - min(t.sent for t in streams) for s in streams],
-        "last_offsets": [s.last - min(t.sent for t in streams) for s in streams],
+        "first_offsets": [s.first - start for s in streams],
+        "last_offsets": [s.last - start for s in streams],
     }
 
 

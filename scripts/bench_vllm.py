@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, Service  # noqa: E402
+from bench_common import RESULTS_DIR, ROOT, Service  # noqa: E402
 from bench_streams import ALIAS, PROMPT, US, add_stream_arguments, run_benchmark  # noqa: E402
+from profile_servers import profile  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1-hf"  # what `make models-hf` writes
 
@@ -82,8 +83,6 @@ def main() -> None:
     services = [PEERS[name](args) for name in args.peers.split(",")]
     after = None
     if args.profile_seconds:  # the servers still up: profile them under a steady load (scripts/profile_servers.py)
-        from bench_common import RESULTS_DIR
-        from profile_servers import profile
 
         def after(services):
             profile(services, lambda peer: request_body(args), args, RESULTS_DIR / f"{args.name}-profile")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from bench_streams import one_stream
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -70,12 +71,8 @@ async def steady_load(url: str, body: dict, streams: int, seconds: float) -> dic
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal tokens, requests
         while time.monotonic() < deadline:
-            async with session.post(url, json=body) as response:
-                response.raise_for_status()
-                async for raw in response.content:
-                    if b'"usage"' in raw and raw.startswith(b"data: {"):
-                        usage = json.loads(raw[6:]).get("usage")
-                        tokens += usage["completion_tokens"] if usage else 0
+            stream = await one_stream(session, url, body)  # awaited first: `tokens += await ...` would race
+            tokens += stream.tokens
             requests += 1
 
     started = time.monotonic()
@@ -143,7 +140,7 @@ def profile(services, body_of, args, out_dir: Path) -> None:
         for service in services:
             window = pyspy_window(service, body_of(service.name), streams, seconds, out_dir, py_spy)
             result["py_spy"][service.name] = window
-            print(f"py-spy {service.name}: {result['py_spy'][service.name]['load']['tps']:.1f} tok/s", flush=True)
+            print(f"py-spy {service.name}: {window['load']['tps']:.1f} tok/s", flush=True)
     else:
         print("py-spy not found: no stack profiles")
     (out_dir / "profile.json").write_text(json.dumps(result, indent=2))
