@@ -8,14 +8,14 @@ import gc
 import time
 from typing import Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from engines import DEFAULT_EMBEDDING_MODELS, create_engine
 from engines.base import EngineConfig
 from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
-from gateway.body_timeout import BodyTimeoutMiddleware
+from gateway.api.openapi import include_body_schemas
 from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
 from gateway.config import LocalTarget as LocalConfig
 from gateway.config import RemoteTarget as RemoteConfig
@@ -26,7 +26,7 @@ from gateway.memory import MB, MemoryGovernor
 from gateway.model_registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
 from gateway.observability import RequestIdMiddleware
 from gateway.routing import ModelRouter
-from gateway.security import KeyRing, authorize
+from gateway.security import ApiKeyMiddleware, KeyRing
 from gateway.settings import Settings
 from gateway.targets import Breaker, LocalTarget, RemoteTarget
 from gateway.upstream import create_http_client
@@ -42,13 +42,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.started = int(time.time())
     metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()],
                                             lambda: _memory_gauges(app)))  # fmt: skip
-    for module in (chat, completions, embeddings, models):
-        app.include_router(module.router, dependencies=[Depends(authorize)])
-    for module in (health, metrics_api):
-        app.include_router(module.router)  # open without a key, for probes, balancers and scrapers
+    for module in (chat, completions, embeddings, models, health, metrics_api):
+        app.include_router(module.router)
+    include_body_schemas(app)
     install_error_handlers(app)
-    app.add_middleware(BodyTimeoutMiddleware, settings=settings)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ApiKeyMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: 401s get an id, a log line and a count too
     return app
 
 

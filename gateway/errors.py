@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -90,6 +91,17 @@ def _validation_message(error: dict) -> str:
     return error.get("msg", "Invalid value.")
 
 
+def invalid_request(errors: Sequence[dict]) -> APIError:
+    """The 400 for a body that failed validation (pydantic's errors), naming the first bad parameter."""
+    first = errors[0] if errors else {}
+    json_broken = first.get("type") == "json_invalid"
+    param = None if json_broken else _param_from_location(tuple(first.get("loc", ())))
+    message = _validation_message(first)
+    if param:
+        message = f"Invalid value for '{param}': {message}"
+    return invalid_param(param, message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
@@ -101,13 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        json_broken = first.get("type") == "json_invalid"
-        param = None if json_broken else _param_from_location(tuple(first.get("loc", ())))
-        message = _validation_message(first)
-        if param:
-            message = f"Invalid value for '{param}': {message}"
-        return invalid_param(param, message).response()
+        return invalid_request(error.errors()).response()
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, error: HTTPException) -> JSONResponse:

@@ -18,16 +18,16 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from gateway import metrics
 from gateway.config import RetryPolicy
 from gateway.errors import APIError, invalid_param
-from gateway.generation import sse_response, until_disconnected
+from gateway.generation import CLIENT_CLOSED_REQUEST, sse_response, until_disconnected
 from gateway.observability import RequestRecord, current_request
 from gateway.protocol import ModelRequest
 from gateway.routing import Route, Target
-from gateway.security import KeyLimits
 from gateway.targets import CapabilityMismatch, Outcome, TargetFailure
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,30 @@ TIMEOUT_HEADER = "x-request-timeout"
 T = TypeVar("T")
 
 
-async def dispatch(request: Request, endpoint: str, body: ModelRequest) -> Response:
-    """Serve `body` (a validated request for `endpoint`) from the first target of its chain that can."""
+async def dispatch(request: Request, endpoint: str, request_type: type[ModelRequest]) -> Response:
+    """Read a request for `endpoint` and serve it from the first target of its model's chain that can."""
     state = request.app.state
-    route: Route = state.router.resolve(body.model)
-    deadline = Deadline.after(request_timeout(request, body.timeout, state.settings))
     record = current_request()
-    record.model = body.model
-    chain = _Chain(route, endpoint, body, deadline.at, state.retry, record)
-    outcome = await until_disconnected(request, _within(deadline, chain.serve(), record))
+    # One timer for the whole request, from its start: the x-request-timeout header (or the default)
+    # while the body arrives, then the body's own `timeout` if it has one.
+    started = asyncio.get_running_loop().time()
+    seconds = request_timeout(request.headers.get(TIMEOUT_HEADER), state.settings)
+    alarm = Alarm(started + seconds)
+    try:
+        body = await _read_body(request, request_type, alarm)
+        if body.timeout is not None:
+            seconds = request_timeout(body.timeout, state.settings)
+            alarm.reset(started + seconds)
+        deadline = Deadline(started + seconds, seconds)
+        route = state.router.resolve(body.model)
+        record.model = body.model  # once known: metrics take no label values from unknown names
+        chain = _Chain(route, endpoint, body, deadline.at, state.retry, record)
+        outcome = await until_disconnected(request, _within(alarm, deadline, chain.serve(), record))
+    finally:
+        alarm.disarm()
     if isinstance(outcome, Response):
         return outcome  # the client left; the work is cancelled
-    charge = functools.partial(_charge, request.state.limits, record)
+    charge = functools.partial(_charge, record)
     headers = {TARGET_HEADER: outcome.target}
     if outcome.events is not None:
         return sse_response(_relay(outcome, deadline, charge), headers)
@@ -55,22 +67,28 @@ async def dispatch(request: Request, endpoint: str, body: ModelRequest) -> Respo
     return Response(outcome.body, media_type="application/json", headers=headers)
 
 
-def request_timeout(request: Request, requested: float | None, settings) -> float:
-    """The body's `timeout`, else the x-request-timeout header, else the default; capped at the maximum."""
-    value = requested if requested is not None else request.headers.get(TIMEOUT_HEADER)
+async def _read_body(request: Request, request_type: type[ModelRequest], alarm: Alarm) -> ModelRequest:
+    """The validated body; 408 when the client is too slow to send it. (Parsed here rather than by FastAPI,
+    whose body handling took more CPU than the rest of a relayed request.)"""
+    try:
+        return request_type.parse(await alarm.wait(request.body()))
+    except TimeoutError:
+        raise APIError(408, "The request body did not arrive in time.", type="timeout_error", code="timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; the status is for the log and the metrics
+        raise APIError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="client_closed") from None
+
+
+def request_timeout(value: float | str | None, settings) -> float:
+    """Seconds as asked (the body's `timeout` or the x-request-timeout header), else the default; capped at
+    the maximum; 400 unless a positive number."""
     if value is None:
         return settings.request_timeout
     try:
-        return capped_timeout(value, settings)
+        seconds = float(value)
+        if not seconds > 0:
+            raise ValueError(value)
     except ValueError:
         raise invalid_param("timeout", f"The timeout must be a positive number of seconds, got {value!r}.") from None
-
-
-def capped_timeout(value: float | str | bytes, settings) -> float:
-    """Seconds as asked, at most the maximum; ValueError unless a positive number."""
-    seconds = float(value)
-    if not seconds > 0:
-        raise ValueError(value)
     return min(seconds, settings.max_request_timeout)
 
 
@@ -78,10 +96,6 @@ def capped_timeout(value: float | str | bytes, settings) -> float:
 class Deadline:
     at: float  # on the event loop's clock
     seconds: float
-
-    @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        return cls(asyncio.get_running_loop().time() + seconds, seconds)
 
     def expired(self, target: str) -> APIError:
         """The 504, naming the target that was being tried when time ran out."""
@@ -91,22 +105,21 @@ class Deadline:
         )  # fmt: skip
 
 
-async def _within(deadline: Deadline, work: Awaitable[Outcome], record: RequestRecord) -> Outcome:
+async def _within(alarm: Alarm, deadline: Deadline, work: Awaitable[Outcome], record: RequestRecord) -> Outcome:
     try:
-        async with asyncio.timeout_at(deadline.at):
-            return await work
+        return await alarm.wait(work)
     except TimeoutError:
         raise deadline.expired(record.target) from None
 
 
 async def _relay(outcome: Outcome, deadline: Deadline, charge: Callable[[], None]) -> AsyncIterator[str]:
     """Pass events on as they come, until the deadline; then charge the key for the tokens used."""
-    alarm = _Alarm(deadline.at)
+    alarm = Alarm(deadline.at)
     try:
         async with contextlib.aclosing(outcome.events) as events:
             while True:
                 try:
-                    event = await alarm.next_of(events)
+                    event = await alarm.wait(anext(events))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -117,29 +130,34 @@ async def _relay(outcome: Outcome, deadline: Deadline, charge: Callable[[], None
         charge()
 
 
-class _Alarm:
-    """One loop timer for a whole stream that cuts short only the waits for its next event.
-    (asyncio.timeout around each event armed and cancelled a timer per token.)"""
+class Alarm:
+    """One loop timer that cuts short only the waits run through `wait`: for a whole request, or a whole
+    stream. (asyncio.timeout around each wait armed and cancelled a timer each time, per token in a stream.)"""
 
     def __init__(self, at: float):
-        self._timer = asyncio.get_running_loop().call_at(at, self._ring)
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_at(at, self._ring)
         self._rang = False
-        self._waiting: asyncio.Task | None = None  # the task inside `next_of`, if any
+        self._waiting: asyncio.Task | None = None  # the task inside `wait`, if any
+
+    def reset(self, at: float) -> None:
+        self._timer.cancel()
+        self._timer = self._loop.call_at(at, self._ring)
 
     def _ring(self) -> None:
         self._rang = True
         if self._waiting is not None:
             self._waiting.cancel()
 
-    async def next_of(self, events: AsyncIterator[T]) -> T:
-        """The next event, or TimeoutError once the alarm rings (at once if it has rung already)."""
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        """What `awaitable` gives, or TimeoutError once the alarm rings (at once if it has rung already)."""
         if self._rang:
             raise TimeoutError
         self._waiting = task = asyncio.current_task()
         try:
-            return await anext(events)
+            return await awaitable
         except asyncio.CancelledError:
-            # Having rung, the alarm cancelled this task: only `next_of` waits, and it starts no wait once rung.
+            # Having rung, the alarm cancelled this task: only `wait` waits, and it starts no wait once rung.
             if self._rang and task.uncancel() == 0:
                 raise TimeoutError from None
             raise  # cancelled by someone else too (a disconnect, a shutdown)
@@ -150,11 +168,11 @@ class _Alarm:
         self._timer.cancel()
 
 
-def _charge(limits: KeyLimits | None, record: RequestRecord) -> None:
+def _charge(record: RequestRecord) -> None:
     """Charge the key's tokens-per-minute limit with what the target that served put on the record:
     the local engine's own counts, or the provider's usage."""
-    if limits is not None:
-        limits.charge(record.prompt_tokens + record.completion_tokens)
+    if record.limits is not None:
+        record.limits.charge(record.prompt_tokens + record.completion_tokens)
 
 
 class _Chain:

@@ -15,7 +15,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 from gateway import metrics, tracing
+
+if TYPE_CHECKING:
+    from gateway.security import KeyLimits
 
 access_log = logging.getLogger("gateway.access")
 
@@ -34,6 +39,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the engine did not compute again (prefix reuse)
     first_token_at: float | None = None
+    limits: KeyLimits | None = None  # the client key's, charged with the tokens used once the reply is done
 
     def attempt(self, target: str) -> None:
         """`target` tries to serve the request now: what an earlier target counted before failing is dropped."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import from_json
 
 from engines.base import SamplingParams
-from gateway.errors import invalid_param
+from gateway.errors import invalid_param, invalid_request
 
 # ---- shared ------------------------------------------------------------------------------------
 
@@ -80,6 +81,24 @@ class ModelRequest(Request):
     model: str
     # Seconds the whole request may take (as self-hosted servers accept it); the gateway caps it.
     timeout: float | None = Field(None, gt=0)
+    _sent: bytes | None = PrivateAttr(None)  # the JSON body as the client sent it, set by `parse`
+
+    @classmethod
+    def parse(cls, body: bytes) -> Self:
+        """A JSON request body, validated (a 400 naming the first bad parameter if it is not valid)."""
+        try:
+            request = cls.model_validate_json(body)
+        except ValidationError as error:
+            raise invalid_request(error.errors()) from None
+        request._sent = body
+        return request
+
+    def as_sent(self) -> dict[str, Any]:
+        """The body as the client sent it, less the gateway's own `timeout`: what a remote provider gets.
+        (Decoding the body again takes a fifth of the time of dumping the model.)"""
+        fields = from_json(self._sent)
+        fields.pop("timeout", None)
+        return fields
 
     def unsupported_locally(self) -> str | None:
         """The first parameter set that local engines cannot honour (remote providers can), or None."""

@@ -7,10 +7,9 @@ import hmac
 import math
 import time
 
-from fastapi import Request
-
 from gateway.config import ApiKey
 from gateway.errors import APIError
+from gateway.observability import current_request
 
 WINDOW = 60.0  # rate limits are per minute, over a sliding window
 
@@ -74,23 +73,38 @@ class KeyRing:
         return found
 
 
-def presented_key(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def presented_key(headers: dict[bytes, bytes]) -> str | None:
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.headers.get("x-api-key") or None
+    return headers.get(b"x-api-key", b"").decode("latin-1") or None
 
 
-async def authorize(request: Request) -> None:
-    """FastAPI dependency of every /v1 route: 401 without a valid key, 429 over the key's limits."""
-    keys: KeyRing = request.app.state.keys
-    if not keys:
-        request.state.limits = None
-        return
-    presented = presented_key(request)
+class ApiKeyMiddleware:
+    """401 without a valid key and 429 over the key's limits, for every path under /v1/; the key's limits go on
+    the request's record, to be charged with the tokens used. Health, readiness and metrics stay open for
+    probes, balancers and scrapers.
+
+    A plain ASGI middleware: a FastAPI dependency on each route cost more than the rest of the check.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and (keys := scope["app"].state.keys):
+            try:
+                current_request().limits = _admit(keys, dict(scope["headers"]))
+            except APIError as error:
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _admit(keys: KeyRing, headers: dict[bytes, bytes]) -> KeyLimits:
+    presented = presented_key(headers)
     limits = keys.match(presented) if presented else None
     if limits is None:
         message = "Incorrect API key provided." if presented else "You didn't provide an API key."
         raise APIError(401, message, code="invalid_api_key")
     limits.admit()
-    request.state.limits = limits
+    return limits

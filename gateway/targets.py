@@ -148,8 +148,7 @@ class RemoteTarget:
         self.headers = {**json_type, **config.headers, **auth}
 
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
-        # The request as the client sent it (with the wire's field names: by_alias), for the provider's model.
-        payload = body.model_dump(exclude_unset=True, exclude={"timeout"}, by_alias=True)
+        payload = body.as_sent()
         payload["model"] = self.config.model
         # Another gateway (or any server that reads it) stops at the same deadline as this one.
         headers = {**self.headers, "x-request-timeout": f"{remaining:.3f}"}

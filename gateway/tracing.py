@@ -41,12 +41,16 @@ def shutdown() -> None:
         _provider.shutdown()
 
 
-@contextlib.contextmanager
-def span(record):
+def span(record) -> contextlib.AbstractContextManager:
     """A server span around one request, with the record's fields as attributes once it is done."""
-    if _tracer is None:
-        yield
-        return
+    return _NO_SPAN if _tracer is None else _span(record)
+
+
+_NO_SPAN = contextlib.nullcontext()  # tracing off: no generator and context manager made per request
+
+
+@contextlib.contextmanager
+def _span(record):
     with _tracer.start_as_current_span(f"{record.method} {record.path}") as current:
         try:
             yield

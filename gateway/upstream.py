@@ -8,6 +8,7 @@ docs/BENCHMARKS.md has the relay overhead measured for each.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import AsyncContextManager, AsyncIterator, Callable, Mapping, Protocol
 
 import aiohttp
@@ -100,7 +101,7 @@ class AiohttpClient:
 
     @contextlib.asynccontextmanager
     async def post(self, url, body, headers, connect_timeout, read_timeout) -> AsyncIterator[_AiohttpResponse]:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        timeout = _client_timeout(connect_timeout, read_timeout)
         try:
             async with self._session.post(url, data=body, headers=headers, timeout=timeout) as response:
                 yield _AiohttpResponse(response)
@@ -111,6 +112,12 @@ class AiohttpClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    """One (immutable) timeout object per target's settings, not one per request."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
 
 
 HTTP_CLIENTS: dict[str, Callable[[], HttpClient]] = {"httpx": HttpxClient, "aiohttp": AiohttpClient}

@@ -334,7 +334,8 @@ def test_a_client_too_slow_to_send_its_body_gets_408(routed):
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 200\r\nx-request-timeout: 1\r\n\r\n" + b'{"model": "small",'
+            b"Content-Length: 200\r\nx-request-timeout: 1\r\nx-api-key: " + GATEWAY_KEY.encode() + b"\r\n\r\n"
+            + b'{"model": "small",'
         )  # and the remaining bytes never come
         started = time.monotonic()
         reply = b""
@@ -344,6 +345,24 @@ def test_a_client_too_slow_to_send_its_body_gets_408(routed):
     assert reply.startswith("HTTP/1.1 408")
     assert '"code":"timeout"' in reply
     assert time.monotonic() - started < 10
+
+
+def test_a_client_leaving_before_its_body_is_sent_is_logged_as_499_without_an_error(routed):
+    request_id = "left-mid-body"
+    host, port = routed.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200\r\nx-request-id: " + request_id.encode() + b"\r\nx-api-key: "
+            + GATEWAY_KEY.encode() + b"\r\n\r\n" + b'{"model": "small",'
+        )
+        time.sleep(0.3)  # the gateway is waiting for the rest of the body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and request_id not in routed.log():
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in routed.log().splitlines() if request_id in line]
+    assert [line["status"] for line in lines if line.get("message") == "request"] == [499]
+    assert all(line["level"] == "info" for line in lines)  # no unexpected error, no traceback
 
 
 def long_stream(server, model: str, key: str):

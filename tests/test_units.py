@@ -177,8 +177,8 @@ def test_the_sse_send_we_override_is_one_sse_starlette_calls():
     assert "_send_with_timeout" in vars(_EventStream)
 
 
-def test_stream_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
-    from gateway.fallback import _Alarm
+def test_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
+    from gateway.fallback import Alarm
 
     async def events(*pauses: float):
         for pause in pauses:
@@ -188,21 +188,21 @@ def test_stream_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
     async def scenario() -> list[str]:
         loop = asyncio.get_running_loop()
         seen = []
-        alarm = _Alarm(loop.time() + 0.05)
+        alarm = Alarm(loop.time() + 0.05)
         stream = events(0, 5, 0)
-        assert await alarm.next_of(stream) == 0
+        assert await alarm.wait(anext(stream)) == 0
         try:
-            await alarm.next_of(stream)
+            await alarm.wait(anext(stream))
         except TimeoutError:
             seen.append("timeout")
         assert asyncio.current_task().cancelling() == 0  # the alarm's own cancellation was taken back
         try:
-            await alarm.next_of(events(0))
+            await alarm.wait(anext(events(0)))
         except TimeoutError:
             seen.append("timeout again")
 
-        other = _Alarm(loop.time() + 0.05)
-        waiter = asyncio.create_task(other.next_of(events(5)))
+        other = Alarm(loop.time() + 0.05)
+        waiter = asyncio.create_task(other.wait(anext(events(5))))
         await asyncio.sleep(0.01)
         waiter.cancel()  # a disconnect, say, before the alarm rings
         await asyncio.sleep(0.1)

@@ -7,6 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
+from gateway.api.openapi import json_body
 from gateway.fallback import dispatch
 from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
 from gateway.protocol import (
@@ -29,9 +30,11 @@ from gateway.targets import local_handler
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    return await dispatch(request, "chat/completions", body)
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletionResponse, openapi_extra=json_body(ChatCompletionRequest)
+)
+async def create_chat_completion(request: Request):
+    return await dispatch(request, "chat/completions", ChatCompletionRequest)
 
 
 @local_handler("chat/completions")

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
+from gateway.api.openapi import json_body
 from gateway.fallback import dispatch
 from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
 from gateway.protocol import (
@@ -24,9 +25,9 @@ from gateway.targets import local_handler
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request):
-    return await dispatch(request, "completions", body)
+@router.post("/v1/completions", response_model=CompletionResponse, openapi_extra=json_body(CompletionRequest))
+async def create_completion(request: Request):
+    return await dispatch(request, "completions", CompletionRequest)
 
 
 @local_handler("completions")

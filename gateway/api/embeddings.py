@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from engines.base import Engine
 from gateway.errors import invalid_param
+from gateway.api.openapi import json_body
 from gateway.fallback import dispatch
 from gateway.observability import current_request
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
@@ -17,9 +18,9 @@ from gateway.targets import local_handler
 router = APIRouter()
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def create_embeddings(body: EmbeddingRequest, request: Request):
-    return await dispatch(request, "embeddings", body)
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, openapi_extra=json_body(EmbeddingRequest))
+async def create_embeddings(request: Request):
+    return await dispatch(request, "embeddings", EmbeddingRequest)
 
 
 @local_handler("embeddings")
