@@ -211,3 +211,23 @@ def test_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
         return seen
 
     assert asyncio.run(scenario()) == ["timeout", "timeout again", "cancelled"]
+
+
+def test_sequences_submitted_in_consecutive_loop_iterations_reach_the_worker_together():
+    from engines.worker_thread import WorkerThread
+
+    async def scenario() -> list[int]:
+        # Its thread is never started: nothing takes the inbox.
+        worker = WorkerThread("test worker", capacity=8, group_arrivals=True)
+        sizes = []
+        worker._enqueue(asyncio.Queue())  # the first request of a burst
+        sizes.append(worker._inbox.qsize())
+        await asyncio.sleep(0)
+        worker._enqueue(asyncio.Queue())  # a request whose task ran one iteration later
+        sizes.append(worker._inbox.qsize())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        sizes.append(worker._inbox.qsize())
+        return sizes
+
+    assert asyncio.run(scenario()) == [0, 0, 2]

@@ -116,6 +116,10 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             context_length=config.context_length,
             max_waiting=config.max_waiting,
             reuse_prefixes=config.options.get("enable_prefix_caching") is not False,
+            # On a GPU a step takes about as long for a burst's prompts as for one of them, so they are
+            # handed over together; on a CPU prefill is compute-bound and waiting for the others only
+            # delays the first (measured in docs/BENCHMARKS.md, benchmark 1).
+            group_arrivals=config.gpu_layers != 0,
         )
 
     def _runner(self) -> Scheduler | None:

@@ -63,9 +63,10 @@ class Scheduler(WorkerThread):
         context_length: int,
         max_waiting: int,
         reuse_prefixes: bool = True,
+        group_arrivals: bool = False,
     ):
         # Capacity counts running plus waiting, so max_waiting=0 still fills the slots.
-        super().__init__("llama.cpp engine", slots + max_waiting)
+        super().__init__("llama.cpp engine", slots + max_waiting, group_arrivals=group_arrivals)
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
