@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
 from typing import TYPE_CHECKING
 
 from gateway import metrics, tracing

@@ -8,8 +8,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from engines.base import Engine
-from gateway.errors import invalid_param
 from gateway.api.openapi import json_body
+from gateway.errors import invalid_param
 from gateway.fallback import dispatch
 from gateway.observability import current_request
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
