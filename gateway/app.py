@@ -15,7 +15,7 @@ from engines.base import EngineConfig
 from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
-from gateway.api.openapi import include_body_schemas
+from gateway.api.own_body import OwnBodyRoute, include_body_schemas
 from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
 from gateway.config import LocalTarget as LocalConfig
 from gateway.config import RemoteTarget as RemoteConfig
@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                             lambda: _memory_gauges(app)))  # fmt: skip
     for module in (chat, completions, embeddings, models, health, metrics_api):
         app.include_router(module.router)
+    # Starlette tries routes in order, and FastAPI put its docs routes first: the model endpoints go ahead.
+    app.router.routes.sort(key=lambda route: not isinstance(route, OwnBodyRoute))
     include_body_schemas(app)
     install_error_handlers(app)
     app.add_middleware(ApiKeyMiddleware)

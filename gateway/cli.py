@@ -37,5 +37,6 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # nothing here reads the client's address: no middleware to rewrite it
         timeout_graceful_shutdown=10,
     )

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
-from gateway.api.openapi import json_body
+from gateway.api.own_body import OwnBodyRoute, json_body
 from gateway.fallback import dispatch
 from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
 from gateway.protocol import (
@@ -22,7 +22,7 @@ from gateway.protocol import (
 )
 from gateway.targets import local_handler
 
-router = APIRouter()
+router = APIRouter(route_class=OwnBodyRoute)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, openapi_extra=json_body(CompletionRequest))

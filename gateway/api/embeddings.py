@@ -8,14 +8,14 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from engines.base import Engine
-from gateway.api.openapi import json_body
+from gateway.api.own_body import OwnBodyRoute, json_body
 from gateway.errors import invalid_param
 from gateway.fallback import dispatch
 from gateway.observability import current_request
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from gateway.targets import local_handler
 
-router = APIRouter()
+router = APIRouter(route_class=OwnBodyRoute)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, openapi_extra=json_body(EmbeddingRequest))
