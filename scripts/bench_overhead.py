@@ -1,7 +1,8 @@
 """Benchmark 3: what the gateway adds when it only relays. nginx answers every chat completion with a
-fixed JSON body (no model); wrk drives it directly, through the gateway (a remote `openai` target), and
-through the LiteLLM proxy, at several concurrencies, alternating, several repetitions. Added latency is
-the relay's p50/p99 minus the direct p50/p99 of the same repetition.
+fixed JSON body (no model); wrk drives it directly, through the gateway (a remote `openai` target), through
+a bare FastAPI + aiohttp relay (scripts/bare_relay.py: the floor for a relay in Python), and through the
+LiteLLM proxy, at several concurrencies, alternating, several repetitions. Added latency is the relay's
+p50/p99 minus the direct p50/p99 of the same repetition.
 
 Needs nginx and wrk on PATH (Debian packages) and LiteLLM's proxy in its own virtualenv (--litellm,
 the `litellm` executable; the Makefile's `bench-overhead` target makes one).
@@ -52,6 +53,13 @@ def gateway(work: Path, upstream: Service) -> Service:
     }))  # fmt: skip
     service = Service("gateway", [sys.executable, "-m", "gateway", "serve"], "/health", '"status":"ok"')
     service.env = {"LLM_CONFIG": str(config), "LLM_PORT": str(service.port), "LLM_LOG_LEVEL": "warning"}
+    return service
+
+
+def bare_relay(upstream: Service) -> Service:
+    service = Service("bare-relay", [], "/health")
+    script = Path(__file__).resolve().parent / "bare_relay.py"
+    service.command = [sys.executable, str(script), upstream.base_url + "/v1/chat/completions", str(service.port)]
     return service
 
 
@@ -124,7 +132,8 @@ def main() -> None:
         f'wrk.method = "POST"\nwrk.body = [[{json.dumps(REQUEST)}]]\nwrk.headers["Content-Type"] = "application/json"\n'
     )
     upstream = nginx(work)
-    services = [upstream, gateway(work, upstream)] + ([litellm(work, upstream, args.litellm)] if args.litellm else [])
+    services = [upstream, gateway(work, upstream), bare_relay(upstream)]
+    services += [litellm(work, upstream, args.litellm)] if args.litellm else []
     raw: dict = {c: [] for c in args.concurrency}
     try:
         for service in services:
@@ -136,7 +145,7 @@ def main() -> None:
                 for service in services[rep % len(services) :] + services[: rep % len(services)]:
                     url = service.base_url + "/v1/chat/completions"
                     run[service.name] = wrk(url, concurrency, args.seconds, script)
-                    print(f"rep {rep + 1} c={concurrency:>2} {service.name:<8} {run[service.name]}", flush=True)
+                    print(f"rep {rep + 1} c={concurrency:>2} {service.name:<10} {run[service.name]}", flush=True)
                 raw[concurrency].append({s.name: run[s.name] for s in services})
     finally:
         stop_all(services)
