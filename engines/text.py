@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-# A hop to a worker thread costs ~200 µs of latency on the 2-core CI machine, and more while the engine's
-# threads hold both cores; llama.cpp's BPE tokenizer takes ~0.4 µs a character. Shorter texts are
-# tokenized in place, where they block the event loop for less than the hop would cost.
+# llama.cpp's BPE tokenizer takes ~30 µs plus ~1 µs a character on the 2-core CI machine (a 179-character
+# chat prompt: 190 µs, 360 µs with special tokens parsed) and releases the GIL; a hop to a worker thread
+# costs ~80 µs there. Texts up to this size are still tokenized in place: on a GPU host, tokenizing every
+# prompt off the loop spread a burst's submissions over several loop iterations, so its prompts no longer
+# shared a step (TTFT p50 at 4 streams: 11 ms, and 18-21 ms in 4 of 5 repetitions; docs/BENCHMARKS.md).
 INLINE_TOKENIZE_CHARS = 1024
 
 
