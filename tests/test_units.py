@@ -177,6 +177,39 @@ def test_the_sse_send_we_override_is_one_sse_starlette_calls():
     assert "_send_with_timeout" in vars(_EventStream)
 
 
+def test_an_sse_stream_pings_while_it_waits_and_ends_when_its_client_leaves():
+    from gateway.generation import _EventStream
+
+    closed = []
+
+    async def events(wait: float):
+        try:
+            await asyncio.sleep(wait)
+            yield b"data: 1\n\n"
+        finally:
+            closed.append(wait)
+
+    async def serve(wait: float, leave_after: float | None) -> list[bytes]:
+        sent: list[bytes] = []
+
+        async def receive():
+            await asyncio.sleep(3600 if leave_after is None else leave_after)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message.get("body", b"<start>"))
+
+        scope = {"type": "http", "method": "POST", "asgi": {"spec_version": "2.3"}}
+        await asyncio.wait_for(_EventStream(events(wait), sep="\n", ping=0.05)(scope, receive, send), 5)
+        return sent
+
+    answered = asyncio.run(serve(0.3, None))
+    assert answered[0] == b"<start>" and answered[-2:] == [b"data: 1\n\n", b""]
+    assert any(body.startswith(b":") for body in answered[1:-2])  # pings while the event was awaited
+    left = asyncio.run(serve(3600, 0.1))  # returns at once, not after the hour, and closes the events
+    assert b"data: 1\n\n" not in left and closed == [0.3, 3600]
+
+
 def test_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
     from gateway.fallback import Alarm
 
