@@ -138,7 +138,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | Respon
     try:
         return await work
     except asyncio.CancelledError:
-        if watcher is None or not watcher.done() or watcher.cancelled() or serving.uncancel():
+        if not _client_left(watcher, serving):
             raise  # cancelled from elsewhere (server shutdown), not by the watcher
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
@@ -151,6 +151,12 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     task.cancel()
+
+
+def _client_left(watcher: asyncio.Task | None, task: asyncio.Task) -> bool:
+    """Whether `task` was cancelled by its `_cancel_on_disconnect` watcher alone; if so, that cancellation is
+    taken back, so the task can finish quietly."""
+    return watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0
 
 
 class Reply:
@@ -232,7 +238,7 @@ class _EventStream(EventSourceResponse):
         try:
             await self._stream_response(send)
         except asyncio.CancelledError:
-            if not watcher.done() or watcher.cancelled() or streaming.uncancel():
+            if not _client_left(watcher, streaming):
                 raise  # cancelled from elsewhere (server shutdown), not because the client left
         finally:
             watcher.cancel()
