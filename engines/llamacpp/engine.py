@@ -54,6 +54,12 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         config = self.config
         if not os.path.isfile(config.model_path):
             raise FileNotFoundError(f"model file not found: {config.model_path}")
+        # CUDA graphs off. With them on, on an H200, a step mixing decoding sequences and prompt chunks now
+        # and then never finished (the engine thread waiting in cudaStreamSynchronize for as long as it was
+        # watched, its requests answered 504), and llama-server from the same build hung the same way. With
+        # them off, 478 rounds of that traffic all finished, for about 10 % less throughput at one to four
+        # streams (docs/BENCHMARKS.md). ggml reads the variable once, before the first graph runs.
+        os.environ.setdefault("GGML_CUDA_DISABLE_GRAPHS", "1")
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = config.gpu_layers
