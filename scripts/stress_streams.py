@@ -1,5 +1,6 @@
 """Robustness check: rounds of concurrent streams whose arrivals are spread at random, from all at once to
-20 ms apart, as clients that are not in step send them. Any request left without an answer stops the run.
+20 ms apart, as clients that are not in step send them. A request that fails, or is left without an answer,
+stops the run.
 
 Two targets:
   --url URL     an OpenAI-compatible server (the gateway, llama-server): streamed /v1/completions
@@ -47,6 +48,9 @@ async def run_rounds(stream: Stream, args) -> bool:
         except asyncio.TimeoutError:
             print(f"round {rounds}: a request had no answer after {args.timeout:g} s (arrivals spread over "
                   f"{spread * 1000:.1f} ms, max_tokens {max_tokens})", flush=True)
+            return False
+        except Exception as error:  # an error status or a failed generation is a finding too
+            print(f"round {rounds}: a request failed: {error!r}", flush=True)
             return False
         rounds += 1
     print(f"{rounds} rounds of {args.streams} streams in {time.monotonic() - started:.0f} s: all answered", flush=True)
