@@ -5,6 +5,7 @@ thread-safe inbox, results come back to each sequence's asyncio queue in one loo
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections import deque
@@ -74,6 +75,11 @@ class WorkerThread:
         future: Future = Future()
         self._inbox.put((fn, future))
         return asyncio.wrap_future(future)
+
+    async def call_each(self, fn: Callable[[Any], Any], items: list) -> list:
+        """`fn(item)` for every item, one job at a time, so the running sequences' steps go on in between: as
+        one job, 256 inputs to embed held every stream on a 2-core machine for 20 s."""
+        return [await self.call(functools.partial(fn, item)) for item in items]
 
     def wake(self) -> None:
         self._inbox.put(None)

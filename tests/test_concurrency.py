@@ -117,3 +117,34 @@ def test_curl_streams_server_sent_events(server):
     events = [line for line in output.splitlines() if line]
     assert events[0].startswith('data: {"id":"chatcmpl-')
     assert events[-1] == "data: [DONE]"
+
+
+def test_a_stream_goes_on_while_many_inputs_are_embedded(server):
+    """Embedding runs between the engine's steps one input at a time: a running stream keeps getting tokens
+    all through a long embeddings request. (As one job, 48 inputs held the stream until they were all done.)"""
+
+    async def run() -> int:
+        async with AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0) as client:
+            stream = await client.completions.create(
+                model=MODEL, prompt="Tell a long story:", max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+            )
+            arrivals: list[float] = []
+
+            async def read() -> None:
+                async for _ in stream:
+                    arrivals.append(time.monotonic())
+
+            reader = asyncio.create_task(read())
+            while len(arrivals) < 3:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            inputs = [f"sentence {i} about the sea and a lighthouse" for i in range(48)]
+            await client.embeddings.create(model=server.engine.embedding_model, input=inputs)
+            ended = time.monotonic()
+            reader.cancel()
+            await stream.close()
+            return sum(started <= arrival <= ended for arrival in arrivals)
+
+    during = asyncio.run(run())
+    assert during >= 10, f"the stream got {during} tokens while 48 inputs were embedded"
+    wait_until_idle(server, within=5.0)

@@ -218,7 +218,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
                     param="input",
                 )
             token_lists.append(tokens)
-        vectors = await scheduler.call(lambda: [self._embed_one(tokens) for tokens in token_lists])
+        vectors = await scheduler.call_each(self._embed_one, token_lists)
         return Embeddings(vectors=vectors, prompt_tokens=sum(len(t) for t in token_lists))
 
     def _embed_one(self, tokens: list[int]) -> list[float]:

@@ -153,7 +153,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         if not self._embeds_only and not self.config.embedding:
             raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
         token_lists = await self._embedding_inputs(inputs, self.context_length())
-        vectors = await worker.call(lambda: [self._embed_one(tokens) for tokens in token_lists])
+        vectors = await worker.call_each(self._embed_one, token_lists)
         return Embeddings(vectors=vectors, prompt_tokens=sum(len(t) for t in token_lists))
 
     @torch.inference_mode()
