@@ -122,13 +122,14 @@ class EngineInfo:
     engine: str
     model: str
     device: str
-    state: str  # "loading" | "ready" | "failed" | "closed"
+    state: str  # "loading" | "ready" | "failed" | "closed"; a managed model also "unloaded", "stalled"
     context_length: int
     embedding_dimensions: int | None
     memory_bytes: int
     running: int = 0
     waiting: int = 0
     error: str | None = None
+    busy_s: float = 0.0  # how long the engine's current step has run (0 between steps, or where not known)
 
 
 @runtime_checkable

@@ -71,6 +71,7 @@ class BaseEngine(ABC, Generic[Runner]):
             running=running,
             waiting=waiting,
             error=self._error,
+            busy_s=self._busy_seconds(),
         )
 
     # ---- info() hooks ----------------------------------------------------------------------
@@ -93,3 +94,8 @@ class BaseEngine(ABC, Generic[Runner]):
         """Requests running and waiting, by default as a `WorkerThread` runner counts them."""
         runner = self._runner()
         return (runner.running, runner.waiting) if runner is not None else (0, 0)
+
+    def _busy_seconds(self) -> float:
+        """How long the current step has run, by default as a `WorkerThread` runner measures it."""
+        runner = self._runner()
+        return runner.busy_seconds if runner is not None else 0.0

@@ -5,9 +5,11 @@ thread-safe inbox, results come back to each sequence's asyncio queue in one loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
@@ -30,6 +32,7 @@ class WorkerThread:
         self._admitted = 0  # written by the worker only
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        self._busy_since: float | None = None  # when the step or job now running began (written by the worker)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
@@ -44,6 +47,13 @@ class WorkerThread:
     @property
     def waiting(self) -> int:
         return self._submitted - self._admitted
+
+    @property
+    def busy_seconds(self) -> float:
+        """How long the step or job now running has run; 0 between them. A step that never returns (a GPU
+        hang) shows here, where nothing else would: its requests only time out."""
+        since = self._busy_since
+        return time.monotonic() - since if since is not None else 0.0
 
     def _enqueue(self, sequence) -> None:
         if self.running + self.waiting >= self._capacity:
@@ -101,9 +111,19 @@ class WorkerThread:
                 break
         for item in items:
             if isinstance(item, tuple):
-                _run_job(*item)
+                with self._busy():
+                    _run_job(*item)
             elif item is not None:
                 self._waiting.append(item)
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """Around each step and job, for `busy_seconds`."""
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
 
     def _send(self, sequence, item: Any) -> None:
         self._outbox.append((sequence.inbox, item))

@@ -148,7 +148,9 @@ async def _lifespan(app: FastAPI):
     app.state.keys = KeyRing(config.api_keys + env_api_keys(settings))
     needs_http = any(isinstance(t, RemoteConfig) for t in config.targets.values())
     http = create_http_client(settings.http_client) if needs_http else None
-    manager = ModelManager(memory_governor(settings), settings.unload_after_seconds, settings.load_wait_seconds)
+    manager = ModelManager(
+        memory_governor(settings), settings.unload_after_seconds, settings.load_wait_seconds, settings.stall_after
+    )
     targets: dict = {}
     for name, target in config.targets.items():
         breaker = Breaker(config.retry.failures_to_cool, config.retry.cooldown)

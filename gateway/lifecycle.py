@@ -60,8 +60,15 @@ class ManagedModel:
         return self._last_used
 
     def readiness(self) -> str:
-        """For /ready: "ready" once loaded, even if since unloaded for idleness (it loads again on use)."""
+        """For /ready: "ready" once loaded, even if since unloaded for idleness (it loads again on use), unless
+        its engine is stalled."""
+        if self._stalled(self._engine.info()):
+            return "stalled"
         return "ready" if self.loaded_once and self.state != "failed" else self.state
+
+    def _stalled(self, info: EngineInfo) -> bool:
+        """Loaded, and inside one step for longer than any step should take: its requests wait in vain."""
+        return self.state == "ready" and info.busy_s > self._manager.stall_after
 
     # ---- load and unload -------------------------------------------------------------------
 
@@ -135,7 +142,9 @@ class ManagedModel:
     # ---- the Engine interface: load on demand, count what is being served -------------------
 
     def info(self) -> EngineInfo:
-        return dataclasses.replace(self._engine.info(), model=self.served_name, state=self.state, error=self._error)
+        info = self._engine.info()
+        state = "stalled" if self._stalled(info) else self.state
+        return dataclasses.replace(info, model=self.served_name, state=state, error=self._error)
 
     def context_length(self) -> int:
         return self._engine.context_length()
@@ -173,10 +182,11 @@ class ManagedModel:
 class ModelManager:
     """The local models by public name, the governor's budget over them, and the idle sweeper."""
 
-    def __init__(self, governor: MemoryGovernor, unload_after: float, load_wait: float):
+    def __init__(self, governor: MemoryGovernor, unload_after: float, load_wait: float, stall_after: float):
         self.governor = governor
         self.unload_after = unload_after  # seconds idle before unloading; 0: never
         self.load_wait = load_wait  # seconds a request waits for a load before 503
+        self.stall_after = stall_after  # seconds one engine step may run before the model counts as stalled
         self.models: dict[str, ManagedModel] = {}
         self._room = asyncio.Lock()
 

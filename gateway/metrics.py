@@ -112,7 +112,7 @@ def record_model_event(model: str, event: str) -> None:
 
 
 class EngineCollector:
-    """Gauges read from the engines at scrape time: state, queue depth, running requests, memory."""
+    """Gauges read from the engines at scrape time: state, queue depth, running requests, memory, step age."""
 
     def __init__(self, engines: Callable[[], Iterable[EngineInfo]], memory: Callable[[], dict[str, float]]):
         self._engines = engines
@@ -124,13 +124,17 @@ class EngineCollector:
         memory = GaugeMetricFamily("llm_model_memory_bytes", "Memory the loaded model holds", labels=labels)
         running = GaugeMetricFamily("llm_engine_running", "Requests being decoded now", labels=labels)
         waiting = GaugeMetricFamily("llm_engine_waiting", "Requests queued for a free slot", labels=labels)
+        busy = GaugeMetricFamily(
+            "llm_engine_busy_seconds", "How long the engine's current step has run (0 between steps)", labels=labels
+        )
         for info in self._engines():
             key = [info.model, info.engine]
             loaded.add_metric(key, 1.0 if info.state == "ready" else 0.0)
             memory.add_metric(key, float(info.memory_bytes))
             running.add_metric(key, float(info.running))
             waiting.add_metric(key, float(info.waiting))
-        yield from (loaded, memory, running, waiting)
+            busy.add_metric(key, info.busy_s)
+        yield from (loaded, memory, running, waiting, busy)
         for name, value in self._memory().items():
             yield GaugeMetricFamily(f"llm_memory_{name}", _MEMORY_HELP[name], value=value)
 

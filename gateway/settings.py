@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     unload_after_seconds: float = Field(300, ge=0, description="unload a model idle this long (0: never)")
     memory_budget_mb: int | None = Field(None, ge=1, description="RAM for models without CUDA (default: 80 percent)")
     load_wait_seconds: float = Field(60, ge=0, description="how long a request waits for its model to load before 503")
+    stall_after: float = Field(
+        120, gt=0, description="seconds one engine step may run before /health and /ready report the model stalled"
+    )
     model_url: str | None = Field(None, description="download the model file from this URL when it is not cached")
     model_checksum: str | None = Field(None, description="sha256:<hex> the model file must match")
     download_timeout: float = Field(30, gt=0, description="seconds to connect, and at most between two chunks")

@@ -1,5 +1,6 @@
 """Metrics after known traffic are exact, each request logs one JSON line without prompt or key, traces
-reach an OTLP collector (a real HTTP server started here), and /ready tells loading from ready."""
+reach an OTLP collector (a real HTTP server started here), and /ready tells loading from ready, and either
+from an engine stuck in one step."""
 
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def test_metrics_after_known_traffic_are_exact(observed):
     assert _value(samples, "llm_model_memory_bytes", **engine) > 50_000_000  # weights and KV cache
     assert _value(samples, "llm_engine_running", **engine) == 0
     assert _value(samples, "llm_engine_waiting", **engine) == 0
+    assert _value(samples, "llm_engine_busy_seconds", **engine) == 0  # idle: no step running
 
 
 def test_routing_counters_for_other_modules():
@@ -176,5 +178,31 @@ def test_ready_differs_from_health_while_loading(tmp_path):
                 break
         assert ready.json() == {"status": "ready", "model": MODEL}
         assert (503, "loading") in seen and (200, "ok") in seen
+    finally:
+        server.stop()
+
+
+def test_health_and_ready_report_an_engine_inside_one_step_too_long(tmp_path):
+    """An engine step that never returns (a GPU hang) is seen only this way: its requests just wait. Here the
+    limit is 50 ms and the step a real 500-token embedding, which takes longer on any CPU."""
+    server = start_server(tmp_path, {"LLM_STALL_AFTER": "0.05"})
+    try:
+        embedding = threading.Thread(
+            target=lambda: server.client().embeddings.create(model=MODEL, input=[[100 + i for i in range(500)]])
+        )
+        embedding.start()
+        seen = set()
+        while embedding.is_alive():
+            health = httpx.get(server.base_url + "/health")
+            ready = httpx.get(server.base_url + "/ready")
+            seen.add((health.status_code, health.json()["status"], ready.status_code, ready.json()["status"]))
+            if health.json()["status"] == "stalled":
+                assert health.json()["models"][0]["state"] == "stalled"
+                assert health.json()["models"][0]["busy_s"] > 0.05
+        embedding.join()
+        assert (503, "stalled", 503, "stalled") in seen, seen
+        after = httpx.get(server.base_url + "/health")
+        assert after.status_code == 200 and after.json()["status"] == "ok"
+        assert httpx.get(server.base_url + "/ready").json()["status"] == "ready"
     finally:
         server.stop()

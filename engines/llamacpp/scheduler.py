@@ -97,7 +97,8 @@ class Scheduler(WorkerThread):
                 self._drop_cancelled()
                 self._admit()
                 if self._running:
-                    self._step()
+                    with self._busy():
+                        self._step()
             except Exception as exc:  # never let the worker die silently: fail the sequences in flight
                 log.exception("llama.cpp scheduler step failed")
                 for sequence in list(self._running):

@@ -85,7 +85,8 @@ class Worker(WorkerThread):
             self._admit()
             for sequence in list(self._running):
                 try:
-                    self._step(sequence)
+                    with self._busy():
+                        self._step(sequence)
                 except Exception as exc:  # the sequence must hear about it, or its client waits forever
                     log.exception("transformers decode step failed")
                     self._running.remove(sequence)

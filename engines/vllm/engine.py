@@ -148,6 +148,9 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     def _queue_lengths(self) -> tuple[int, int]:
         return self._running, 0  # vLLM schedules every submitted request at once; it does not expose its queue
 
+    def _busy_seconds(self) -> float:
+        return 0.0  # its engine core steps in another process, which reports its own failures
+
     # ---- generation ------------------------------------------------------------------------
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:

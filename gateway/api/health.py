@@ -20,6 +20,8 @@ async def health(request: Request) -> JSONResponse:
     states = {e["state"] for e in engines}
     # an unloaded model is fine: it loads again on its next request
     status = "ok" if states <= {"ready", "unloaded"} else "error" if "failed" in states else "loading"
+    if "stalled" in states:  # an engine stuck inside one step answers nothing more: let an orchestrator see it
+        status = "stalled"
     first = engines[0] if engines else {}
     body = {
         "status": status,
@@ -31,7 +33,7 @@ async def health(request: Request) -> JSONResponse:
         "targets": {target.name: target.health() for target in router.targets()},
         "governor": request.app.state.models.state(),
     }
-    return JSONResponse(body, status_code=200 if status != "error" else 503)
+    return JSONResponse(body, status_code=503 if status in ("error", "stalled") else 200)
 
 
 @router.get("/ready")
