@@ -114,6 +114,9 @@ class LocalTarget:
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
         if (param := body.unsupported_locally()) is not None:
             raise CapabilityMismatch(param, self.name)
+        if self.engine.readiness() == "stalled":
+            # It would wait behind a step that may never end, past its deadline, with no time left to fall back.
+            raise TargetFailure(self._stalled(), retry_here=False, unhealthy=True)
         try:
             result = await LOCAL_HANDLERS[endpoint](self.engine, body)
         except EngineError as error:
@@ -121,6 +124,12 @@ class LocalTarget:
         if isinstance(result, BaseModel):
             return Outcome(self.name, body=result.model_dump_json().encode())
         return Outcome(self.name, events=result)
+
+    def _stalled(self) -> APIError:
+        return APIError(
+            503, f"Target '{self.name}' is stalled: its engine has been inside one step for "
+            f"{self.engine.info().busy_s:.0f} s.", type="server_error", code="model_stalled",
+        )  # fmt: skip
 
     @staticmethod
     def _failure(error: EngineError) -> APIError | TargetFailure:

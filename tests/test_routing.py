@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import threading
 import time
 
 import httpx
@@ -301,6 +302,35 @@ def test_timeout_gives_504_and_frees_the_engine(client, routed):
     assert (response.status_code, response.headers["x-llm-target"]) == (504, "local")
     assert response.json()["error"]["type"] == "timeout_error"
     wait_idle(routed, within=10.0)
+
+
+def test_a_stalled_local_engine_is_passed_over_for_the_next_target(tmp_path, upstream):
+    """A local engine inside one step for longer than LLM_STALL_AFTER is skipped: without that, a request would
+    wait behind the step past its deadline and never reach the fallback. Here the step is a real 500-token
+    embedding and the limit 50 ms; the embedding itself still completes."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "targets": {"local": {"type": "local"},
+                    "cloud": {"type": "openai", "base_url": upstream.base_url("stallcloud-ok"), "model": "m"}},
+        "models": {MODEL: {"targets": ["local", "cloud"]}},
+    }))  # fmt: skip
+    server = start_server(tmp_path, {"LLM_CONFIG": str(config), "LLM_STALL_AFTER": "0.05"})
+    try:
+        done = []
+        embedding = threading.Thread(target=lambda: done.append(
+            server.client().embeddings.create(model=MODEL, input=[[100 + i for i in range(500)]])
+        ))  # fmt: skip
+        embedding.start()
+        while embedding.is_alive() and server.health()["status"] != "stalled":
+            time.sleep(0.01)
+        headers, reply = ask(server.client(), MODEL)
+        assert headers["x-llm-target"] == "cloud"
+        assert reply.choices[0].message.content == "from stallcloud-ok"
+        assert embedding.is_alive()  # the answer did not wait for the step to end
+        embedding.join()
+        assert len(done[0].data[0].embedding) > 0
+    finally:
+        server.stop()
 
 
 def test_a_remote_target_outlasting_the_deadline_gives_504_naming_it(client, routed):
