@@ -54,8 +54,8 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         config = self.config
         if not os.path.isfile(config.model_path):
             raise FileNotFoundError(f"model file not found: {config.model_path}")
-        # CUDA graphs off. With them on, on an H200, a step mixing decoding sequences and prompt chunks now
-        # and then never finished (the engine thread waiting in cudaStreamSynchronize for as long as it was
+        # CUDA graphs off. With them on, on an H200, a step holding several prompts' chunks now and then
+        # never finished (the engine thread waiting in cudaStreamSynchronize for as long as it was
         # watched, its requests answered 504), and llama-server from the same build hung the same way. With
         # them off, 478 rounds of that traffic all finished, for about 10 % less throughput at one to four
         # streams (docs/BENCHMARKS.md). ggml reads the variable once, before the first graph runs.
