@@ -20,9 +20,12 @@ from engines.base import Delta, EngineError, EngineOverloaded, UnsupportedFeatur
 class WorkerThread:
     """Subclasses implement `_run` (the thread's loop) and keep their running sequences in `_running`."""
 
-    def __init__(self, name: str, capacity: int, *, group_arrivals: bool = False):
+    def __init__(self, name: str, capacity: int, *, gather_for: float | None = None):
+        """`gather_for`: how long the first request reaching an idle worker waits for the rest of its burst, so
+        that their prompts share the first step; 0 waits two event-loop iterations, None hands every request over
+        at once."""
         self._capacity = capacity  # running plus waiting sequences; beyond it, 503
-        self._group_arrivals = group_arrivals
+        self._gather_for = gather_for
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque = deque()
         self._running: list = []
@@ -60,16 +63,21 @@ class WorkerThread:
             raise EngineOverloaded(
                 f"the {self._thread.name} is full: {self.running} requests running, {self.waiting} waiting"
             )
+        idle = self.running == 0 and self.waiting == 0
         self._submitted += 1
-        if not self._group_arrivals:
+        if self._gather_for is None:
             self._inbox.put(sequence)
             return
         self._arriving.append(sequence)
-        if len(self._arriving) == 1:
-            # Hand over two loop iterations later, so that the requests of a burst reach the worker together
-            # (with uvloop, those read in the same poll as this one and in the next; each runs through to its
-            # submit in between) and their prompts share its next step, instead of the first prompt taking a
-            # whole step alone while the others wait for it. A lone request waits two idle iterations.
+        if len(self._arriving) > 1:
+            return
+        # The requests of a burst reach the worker together and their prompts share its next step, instead of
+        # the first prompt taking a whole step alone while the others wait for it. Two loop iterations catch
+        # those read in the same poll as this one and in the next (with uvloop; each runs through to its
+        # submit in between); a busy worker gathers later arrivals during its step anyway.
+        if idle and self._gather_for > 0:
+            self._loop.call_later(self._gather_for, self._hand_over)
+        else:
             self._loop.call_soon(self._loop.call_soon, self._hand_over)
 
     def _hand_over(self) -> None:

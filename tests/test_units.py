@@ -251,7 +251,7 @@ def test_sequences_submitted_in_consecutive_loop_iterations_reach_the_worker_tog
 
     async def scenario() -> list[int]:
         # Its thread is never started: nothing takes the inbox.
-        worker = WorkerThread("test worker", capacity=8, group_arrivals=True)
+        worker = WorkerThread("test worker", capacity=8, gather_for=0.0)
         sizes = []
         worker._enqueue(asyncio.Queue())  # the first request of a burst
         sizes.append(worker._inbox.qsize())
@@ -264,3 +264,29 @@ def test_sequences_submitted_in_consecutive_loop_iterations_reach_the_worker_tog
         return sizes
 
     assert asyncio.run(scenario()) == [0, 0, 2]
+
+
+def test_an_idle_worker_waits_for_the_rest_of_a_burst_and_a_busy_one_does_not():
+    from engines.worker_thread import WorkerThread
+
+    async def scenario() -> list[int]:
+        # Its thread is never started: nothing takes the inbox.
+        worker = WorkerThread("test worker", capacity=8, gather_for=0.2)
+        sizes = []
+        worker._enqueue(asyncio.Queue())  # reaches an idle worker: waits for the others
+        await asyncio.sleep(0.05)
+        worker._enqueue(asyncio.Queue())  # 50 ms later, still inside the window
+        await asyncio.sleep(0.05)
+        sizes.append(worker._inbox.qsize())
+        await asyncio.sleep(0.15)
+        sizes.append(worker._inbox.qsize())  # both, once the window has closed
+        while not worker._inbox.empty():
+            worker._running.append(worker._inbox.get_nowait())  # admitted: the worker is busy now
+        worker._admitted = worker._submitted
+        worker._enqueue(asyncio.Queue())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        sizes.append(worker._inbox.qsize())  # handed over within two iterations, no window
+        return sizes
+
+    assert asyncio.run(scenario()) == [0, 2, 1]

@@ -29,6 +29,7 @@ from engines.worker_thread import deltas
 
 log = logging.getLogger(__name__)
 MAX_EMBEDDING_TOKENS = 512
+CPU_GATHER_S = 0.003  # how long a request reaching an idle CPU engine waits for the rest of its burst
 
 
 class LlamaCppEngine(BaseEngine[Scheduler]):
@@ -122,10 +123,12 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             context_length=config.context_length,
             max_waiting=config.max_waiting,
             reuse_prefixes=config.options.get("enable_prefix_caching") is not False,
-            # On a GPU a step takes about as long for a burst's prompts as for one of them, so they are
-            # handed over together; on a CPU prefill is compute-bound and waiting for the others only
-            # delays the first (measured in docs/BENCHMARKS.md, benchmark 1).
-            group_arrivals=config.gpu_layers != 0,
+            # A burst's prompts share a step: on a GPU it takes about as long for all of them as for one,
+            # and on a CPU a step of several prompts still computes each faster than a step of one. Requests
+            # sent together reach the GPU machine within two loop iterations, but the 2-core CPU machine up to
+            # a millisecond apart; there the first one waits 3 ms for the others when the engine is idle (4
+            # streams: 1.00-1.11x llama-server's throughput against 0.92-1.01x, docs/BENCHMARKS.md).
+            gather_for=0.0 if config.gpu_layers != 0 else CPU_GATHER_S,
         )
 
     def _runner(self) -> Scheduler | None:

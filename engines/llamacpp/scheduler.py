@@ -63,10 +63,10 @@ class Scheduler(WorkerThread):
         context_length: int,
         max_waiting: int,
         reuse_prefixes: bool = True,
-        group_arrivals: bool = False,
+        gather_for: float | None = None,
     ):
         # Capacity counts running plus waiting, so max_waiting=0 still fills the slots.
-        super().__init__("llama.cpp engine", slots + max_waiting, group_arrivals=group_arrivals)
+        super().__init__("llama.cpp engine", slots + max_waiting, gather_for=gather_for)
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
