@@ -271,14 +271,14 @@ def test_an_idle_worker_waits_for_the_rest_of_a_burst_and_a_busy_one_does_not():
 
     async def scenario() -> list[int]:
         # Its thread is never started: nothing takes the inbox.
-        worker = WorkerThread("test worker", capacity=8, gather_for=0.2)
+        worker = WorkerThread("test worker", capacity=8, gather_for=0.5)
         sizes = []
         worker._enqueue(asyncio.Queue())  # reaches an idle worker: waits for the others
         await asyncio.sleep(0.05)
         worker._enqueue(asyncio.Queue())  # 50 ms later, still inside the window
         await asyncio.sleep(0.05)
         sizes.append(worker._inbox.qsize())
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.6)
         sizes.append(worker._inbox.qsize())  # both, once the window has closed
         while not worker._inbox.empty():
             worker._running.append(worker._inbox.get_nowait())  # admitted: the worker is busy now

@@ -126,8 +126,9 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             # A burst's prompts share a step: on a GPU it takes about as long for all of them as for one,
             # and on a CPU a step of several prompts still computes each faster than a step of one. Requests
             # sent together reach the GPU machine within two loop iterations, but the 2-core CPU machine up to
-            # a millisecond apart; there the first one waits 3 ms for the others when the engine is idle (4
-            # streams: 1.00-1.11x llama-server's throughput against 0.92-1.01x, docs/BENCHMARKS.md).
+            # a millisecond apart; there the first one waits 3 ms for the others when the engine is idle (an
+            # A/B against llama-server: the median throughput ratio went from 0.94 to 1.00 at 4 streams and
+            # from 1.00 to 1.08 at 16; docs/BENCHMARKS.md).
             gather_for=0.0 if config.gpu_layers != 0 else CPU_GATHER_S,
         )
 
