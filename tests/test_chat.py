@@ -39,6 +39,21 @@ def test_length_finish_counts_exactly_max_tokens(client):
     assert reply.usage.completion_tokens == 7
 
 
+def test_ignore_eos_keeps_out_every_end_of_generation_token(server, client):
+    # SmolLM2's GGUF marks three tokens as ending generation: 0 and 2 (its EOT and EOS) and 4 ('<reponame>').
+    # A +100 bias would make the model emit token 4 every time; with ignore_eos, llama-server's rule applies:
+    # every end-of-generation token is biased off, so the answer is ordinary tokens.
+    if server.engine.name != "llamacpp":
+        pytest.skip(f"{server.engine.name} ends generation on the model's EOS only, not on the GGUF's marks")
+    reply = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=6, logit_bias={"4": 100}, logprobs=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    tokens = [entry.token for entry in reply.choices[0].logprobs.content]
+    assert len(tokens) == 6 and "<reponame>" not in tokens, tokens
+    assert reply.choices[0].finish_reason == "length"
+
+
 def test_streaming_matches_non_streaming_and_reports_usage(client):
     kwargs = dict(model=MODEL, messages=HELLO, max_tokens=16, temperature=0)
     expected = client.chat.completions.create(**kwargs)
