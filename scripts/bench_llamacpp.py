@@ -71,13 +71,16 @@ def request_body(peer: str, args, eog_ids: list[int]) -> dict:
 
 
 def eog_tokens(model: Path) -> list[int]:
+    """The tokens the engine counts as ending generation, for the peers' ignore-EOS biases."""
     import llama_cpp
+
+    sys.path.insert(0, str(ROOT))
+    from engines.llamacpp.native import Vocab
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     handle = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
-    vocab = llama_cpp.llama_model_get_vocab(handle)
-    ids = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    ids = sorted(Vocab(handle).eog_ids)
     llama_cpp.llama_model_free(handle)
     return ids
 
