@@ -290,3 +290,49 @@ def test_an_idle_worker_waits_for_the_rest_of_a_burst_and_a_busy_one_does_not():
         return sizes
 
     assert asyncio.run(scenario()) == [0, 2, 1]
+
+
+def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
+    """Greedy requests skip llama.cpp's sampler chain (it copies every logit into candidates on each call);
+    with and without biases, including biases that move the top token, the choice must stay the same."""
+    import llama_cpp
+
+    from engines.llamacpp.native import Batch, GreedySampler, Vocab, native_sampler
+
+    path = PROJECT_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_threads, params.n_threads_batch = 256, 2, 2
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    vocab, batch = Vocab(model), Batch(64)
+    bias_sets = [
+        {},
+        {token: float("-inf") for token in vocab.eog_ids},
+        {token: -1.5 for token in range(0, vocab.size, 3)},  # often the top token itself
+        {token: 12.0 for token in range(100, 49152, 997)},  # biased tokens often win
+    ]
+    try:
+        for biases in bias_sets:
+            chain = native_sampler(vocab, SamplingParams(max_tokens=1, temperature=0, logit_bias=biases), None)
+            ours = GreedySampler(vocab.size, biases)
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
+            prompt = vocab.tokenize("Write a story about a cat", add_special=True, parse_special=False)
+            batch.clear()
+            for position, token in enumerate(prompt):
+                batch.add(token, position, 0, position == len(prompt) - 1)
+            picked = []
+            for position in range(len(prompt), len(prompt) + 30):
+                assert llama_cpp.llama_decode(ctx, batch.native) == 0
+                index = batch.size - 1
+                expected = chain.sample(ctx, index)
+                assert ours.sample(ctx, index) == expected, (biases and min(biases), position)
+                picked.append(expected)
+                batch.clear()
+                batch.add(expected, position, 0, True)
+            chain.free()
+            assert len(set(picked)) > 1  # a continuation, not one token repeated
+    finally:
+        batch.free()
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+

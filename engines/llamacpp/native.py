@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 from typing import Iterator
@@ -116,8 +117,73 @@ def json_grammar(schema: dict) -> str:
     return json_schema_to_gbnf(json.dumps(schema))
 
 
-def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
-    """The native sampler chain for one sequence (the order llama-server uses)."""
+class ChainSampler:
+    """llama.cpp's native sampler chain for one sequence."""
+
+    def __init__(self, chain):
+        self._chain = chain
+
+    def sample(self, ctx, index: int) -> int:
+        return llama_cpp.llama_sampler_sample(self._chain, ctx, index)
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self._chain)
+
+
+class GreedySampler:
+    """Greedy decoding, with logit biases, as an argmax over the logits where llama.cpp left them.
+
+    The native chain first copies all n_vocab logits into a candidate array on every call: 105 µs for
+    SmolLM2's 49,152 (175-209 µs right after a step on the 2-core CI machine), against 11 µs for numpy's
+    argmax. Greedy with biases needs none of that; penalties and grammars keep the chain (they have state)."""
+
+    def __init__(self, vocab_size: int, biases: dict[int, float]):
+        self._size = vocab_size
+        self._biased = frozenset(biases)
+        self._bias_ids = np.array(sorted(biases), dtype=np.intp)
+        self._bias_values = np.array([biases[t] for t in sorted(biases)], dtype=np.float32)
+
+    def sample(self, ctx, index: int) -> int:
+        logits = logits_row(ctx, index, self._size)
+        best = int(logits.argmax())
+        if not self._biased:
+            return best
+        if best in self._biased:  # the bias may move the top token anywhere: rank them all
+            ranked = logits.copy()
+            ranked[self._bias_ids] += self._bias_values
+            return int(ranked.argmax())
+        # Only a biased token can beat the unbiased maximum; on a tie the lower id wins, as in an argmax.
+        biased = logits[self._bias_ids] + self._bias_values
+        top = int(biased.argmax())
+        rival = int(self._bias_ids[top])
+        if biased[top] > logits[best] or (biased[top] == logits[best] and rival < best):
+            return rival
+        return best
+
+    def free(self) -> None:
+        pass
+
+
+def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> ChainSampler | GreedySampler:
+    """The sampler for one sequence: plain greedy in numpy, anything else by llama.cpp."""
+    if params.temperature == 0 and grammar is None and not _penalized(params):
+        return GreedySampler(vocab.size, _biases(vocab, params))
+    return native_sampler(vocab, params, grammar)
+
+
+def _biases(vocab: Vocab, params: SamplingParams) -> dict[int, float]:
+    biases = {token: bias for token, bias in params.logit_bias.items() if 0 <= token < vocab.size}
+    if params.ignore_eos:
+        biases.update({token: float("-inf") for token in vocab.eog_ids})
+    return biases
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> ChainSampler:
+    """llama.cpp's sampler chain, in the order llama-server uses."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
     def add(sampler) -> None:
@@ -126,15 +192,13 @@ def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
             raise ValueError("llama.cpp refused the sampler settings (invalid grammar?)")
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    biases = dict(params.logit_bias)
-    if params.ignore_eos:
-        biases.update({token: float("-inf") for token in vocab.eog_ids})
+    biases = _biases(vocab, params)
     if biases:
         array = (llama_cpp.llama_logit_bias * len(biases))()
         for slot, (token, bias) in zip(array, biases.items()):
             slot.token, slot.bias = token, bias
         add(llama_cpp.llama_sampler_init_logit_bias(vocab.size, len(biases), array))
-    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+    if _penalized(params):
         add(
             llama_cpp.llama_sampler_init_penalties(
                 vocab.size, PENALTY_WINDOW, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
@@ -144,7 +208,7 @@ def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
         add(llama_cpp.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root"))
     if params.temperature == 0:
         add(llama_cpp.llama_sampler_init_greedy())
-        return chain
+        return ChainSampler(chain)
     if params.top_k > 0:
         add(llama_cpp.llama_sampler_init_top_k(params.top_k))
     if params.top_p < 1.0:
@@ -154,11 +218,23 @@ def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
     add(llama_cpp.llama_sampler_init_temp(params.temperature))
     seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
     add(llama_cpp.llama_sampler_init_dist(seed))
-    return chain
+    return ChainSampler(chain)
 
 
-def log_softmax(logits_ptr, n_vocab: int) -> np.ndarray:
-    logits = np.ctypeslib.as_array(logits_ptr, shape=(n_vocab,))
+def logits_row(ctx, index: int, n_vocab: int) -> np.ndarray:
+    """The logits of batch entry `index` of the last decode, as a view (valid until the next decode)."""
+    address = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
+    if not address:
+        raise RuntimeError(f"llama.cpp has no logits for batch entry {index}")
+    return np.frombuffer(_float_array(n_vocab).from_address(address), dtype=np.float32)
+
+
+@functools.cache
+def _float_array(size: int) -> type:
+    return ctypes.c_float * size
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
 

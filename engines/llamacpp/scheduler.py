@@ -23,7 +23,7 @@ from typing import Any
 import llama_cpp
 
 from engines.base import Delta, SamplingParams, TokenLogprob
-from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax
+from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax, logits_row
 from engines.text import StopMatcher
 from engines.worker_thread import WorkerThread
 
@@ -186,7 +186,7 @@ class Scheduler(WorkerThread):
     def _sample(self, sequence: Sequence, index: int) -> None:
         params = sequence.params
         logprobs = self._logprobs(index) if params.logprobs is not None else None
-        token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index)
+        token = sequence.sampler.sample(self._ctx, index)
         sequence.tokens.append(token)
         sequence.generated += 1
         end_of_text = self._vocab.is_eog(token) and not params.ignore_eos
@@ -208,7 +208,7 @@ class Scheduler(WorkerThread):
             self._release(sequence)
 
     def _logprobs(self, index: int):
-        return log_softmax(llama_cpp.llama_get_logits_ith(self._ctx, index), self._vocab.size)
+        return log_softmax(logits_row(self._ctx, index, self._vocab.size))
 
     def _token_logprob(self, token: int, logprobs, top: int) -> TokenLogprob:
         alternatives = []
@@ -225,7 +225,7 @@ class Scheduler(WorkerThread):
     def _release(self, sequence: Sequence) -> None:
         """Free the slot; its KV cache stays for a later prompt that starts the same way."""
         self._slot_tokens[sequence.slot] = sequence.tokens[: sequence.n_cached]
-        llama_cpp.llama_sampler_free(sequence.sampler)
+        sequence.sampler.free()
         self._running.remove(sequence)
         heapq.heappush(self._free_slots, sequence.slot)
 
