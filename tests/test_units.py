@@ -297,7 +297,7 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
     with and without biases, including biases that move the top token, the choice must stay the same."""
     import llama_cpp
 
-    from engines.llamacpp.native import Batch, GreedySampler, Vocab, native_sampler
+    from engines.llamacpp.native import Batch, GreedySampler, Vocab, native_sampler, output_logits
 
     path = PROJECT_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
@@ -314,7 +314,7 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
     try:
         for biases in bias_sets:
             chain = native_sampler(vocab, SamplingParams(max_tokens=1, temperature=0, logit_bias=biases), None)
-            ours = GreedySampler(vocab.size, biases)
+            ours = GreedySampler(biases)
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
             prompt = vocab.tokenize("Write a story about a cat", add_special=True, parse_special=False)
             batch.clear()
@@ -324,8 +324,9 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
             for position in range(len(prompt), len(prompt) + 30):
                 assert llama_cpp.llama_decode(ctx, batch.native) == 0
                 index = batch.size - 1
-                expected = chain.sample(ctx, index)
-                assert ours.sample(ctx, index) == expected, (biases and min(biases), position)
+                expected = chain.sample(ctx, index, None)
+                logits = output_logits(ctx, 1, vocab.size)[0]
+                assert ours.sample(ctx, index, logits) == expected, (biases and min(biases), position)
                 picked.append(expected)
                 batch.clear()
                 batch.add(expected, position, 0, True)

@@ -123,7 +123,7 @@ class ChainSampler:
     def __init__(self, chain):
         self._chain = chain
 
-    def sample(self, ctx, index: int) -> int:
+    def sample(self, ctx, index: int, logits: np.ndarray) -> int:
         return llama_cpp.llama_sampler_sample(self._chain, ctx, index)
 
     def free(self) -> None:
@@ -137,28 +137,28 @@ class GreedySampler:
     SmolLM2's 49,152 (175-209 µs right after a step on the 2-core CI machine), against 11 µs for numpy's
     argmax. Greedy with biases needs none of that; penalties and grammars keep the chain (they have state)."""
 
-    def __init__(self, vocab_size: int, biases: dict[int, float]):
-        self._size = vocab_size
+    def __init__(self, biases: dict[int, float]):
         self._biased = frozenset(biases)
         self._bias_ids = np.array(sorted(biases), dtype=np.intp)
         self._bias_values = np.array([biases[t] for t in sorted(biases)], dtype=np.float32)
+        # With no bias above 0 (ignore_eos is -inf on the end tokens) no biased token can overtake an unbiased top.
+        self._only_lowering = all(bias <= 0 for bias in biases.values())
 
-    def sample(self, ctx, index: int) -> int:
-        logits = logits_row(ctx, index, self._size)
+    def sample(self, ctx, index: int, logits: np.ndarray) -> int:
         best = int(logits.argmax())
-        if not self._biased:
+        if best not in self._biased:
+            if self._only_lowering:
+                return best
+            # Only a token biased upwards can beat the unbiased top; on a tie the lower id wins, as in an argmax.
+            biased = logits[self._bias_ids] + self._bias_values
+            top = int(biased.argmax())
+            rival = int(self._bias_ids[top])
+            if biased[top] > logits[best] or (biased[top] == logits[best] and rival < best):
+                return rival
             return best
-        if best in self._biased:  # the bias may move the top token anywhere: rank them all
-            ranked = logits.copy()
-            ranked[self._bias_ids] += self._bias_values
-            return int(ranked.argmax())
-        # Only a biased token can beat the unbiased maximum; on a tie the lower id wins, as in an argmax.
-        biased = logits[self._bias_ids] + self._bias_values
-        top = int(biased.argmax())
-        rival = int(self._bias_ids[top])
-        if biased[top] > logits[best] or (biased[top] == logits[best] and rival < best):
-            return rival
-        return best
+        ranked = logits.copy()  # the top token itself is biased: rank them all
+        ranked[self._bias_ids] += self._bias_values
+        return int(ranked.argmax())
 
     def free(self) -> None:
         pass
@@ -167,7 +167,7 @@ class GreedySampler:
 def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> ChainSampler | GreedySampler:
     """The sampler for one sequence: plain greedy in numpy, anything else by llama.cpp."""
     if params.temperature == 0 and grammar is None and not _penalized(params):
-        return GreedySampler(vocab.size, _biases(vocab, params))
+        return GreedySampler(_biases(vocab, params))
     return native_sampler(vocab, params, grammar)
 
 
@@ -221,17 +221,31 @@ def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) ->
     return ChainSampler(chain)
 
 
-def logits_row(ctx, index: int, n_vocab: int) -> np.ndarray:
-    """The logits of batch entry `index` of the last decode, as a view (valid until the next decode)."""
-    address = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
+# llama_get_logits with the address as an int: the binding's float pointer costs a ctypes.cast per call.
+_get_logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
+    ctypes.cast(llama_cpp.llama_get_logits, ctypes.c_void_p).value
+)
+
+
+def output_logits(ctx, outputs: int, n_vocab: int) -> np.ndarray:
+    """The last decode's logits, one row per output in batch order (a view, valid until the next decode).
+
+    One call into llama.cpp for the whole step (it waits for the GPU there), not one per sequence. Right
+    after a step, on the 2-core CI machine, llama_get_logits_ith plus a ctypes.cast and np.frombuffer took
+    about 100 µs per sequence; the view here is made once per buffer and size."""
+    address = _get_logits_address(ctx)
     if not address:
-        raise RuntimeError(f"llama.cpp has no logits for batch entry {index}")
-    return np.frombuffer(_float_array(n_vocab).from_address(address), dtype=np.float32)
+        raise RuntimeError("llama.cpp returned no logits")
+    return _logits_view(address, outputs, n_vocab)
 
 
-@functools.cache
-def _float_array(size: int) -> type:
-    return ctypes.c_float * size
+@functools.lru_cache(maxsize=64)
+def _logits_view(address: int, rows: int, n_vocab: int) -> np.ndarray:
+    # Safe to reuse while llama.cpp's buffer starts at `address`: it holds at least the `rows` just decoded.
+    array = (ctypes.c_float * (rows * n_vocab)).from_address(address)
+    view = np.frombuffer(array, dtype=np.float32).reshape(rows, n_vocab)
+    view.flags.writeable = False  # llama.cpp's memory: samplers rank copies
+    return view
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

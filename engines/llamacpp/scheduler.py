@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from engines.base import Delta, SamplingParams, TokenLogprob
-from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax, logits_row
+from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax, output_logits
 from engines.text import StopMatcher
 from engines.worker_thread import WorkerThread
 
@@ -180,13 +181,15 @@ class Scheduler(WorkerThread):
             raise RuntimeError(f"llama_decode failed with status {status}")
         for sequence, count in chunks:
             sequence.n_cached += count
-        for sequence, index in outputs:
-            self._sample(sequence, index)
+        if outputs:
+            rows = output_logits(self._ctx, len(outputs), self._vocab.size)
+            for (sequence, index), logits in zip(outputs, rows):
+                self._sample(sequence, index, logits)
 
-    def _sample(self, sequence: Sequence, index: int) -> None:
+    def _sample(self, sequence: Sequence, index: int, logits: np.ndarray) -> None:
         params = sequence.params
-        logprobs = self._logprobs(index) if params.logprobs is not None else None
-        token = sequence.sampler.sample(self._ctx, index)
+        logprobs = log_softmax(logits) if params.logprobs is not None else None
+        token = sequence.sampler.sample(self._ctx, index, logits)
         sequence.tokens.append(token)
         sequence.generated += 1
         end_of_text = self._vocab.is_eog(token) and not params.ignore_eos
@@ -206,9 +209,6 @@ class Scheduler(WorkerThread):
         self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish, cached_tokens=cached))
         if finish:
             self._release(sequence)
-
-    def _logprobs(self, index: int):
-        return log_softmax(logits_row(self._ctx, index, self._vocab.size))
 
     def _token_logprob(self, token: int, logprobs, top: int) -> TokenLogprob:
         alternatives = []
