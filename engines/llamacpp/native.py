@@ -11,7 +11,7 @@ import ctypes
 import functools
 import json
 import logging
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import llama_cpp
 import numpy as np
@@ -117,6 +117,15 @@ def json_grammar(schema: dict) -> str:
     return json_schema_to_gbnf(json.dumps(schema))
 
 
+class Sampler(Protocol):
+    """Picks one sequence's next token after a step; the scheduler frees it when the sequence leaves."""
+
+    def sample(self, ctx, index: int, logits: np.ndarray) -> int:
+        """`index`: the sequence's entry in the step's batch; `logits`: that entry's row (read-only)."""
+
+    def free(self) -> None: ...
+
+
 class ChainSampler:
     """llama.cpp's native sampler chain for one sequence."""
 
@@ -164,7 +173,7 @@ class GreedySampler:
         pass
 
 
-def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> ChainSampler | GreedySampler:
+def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> Sampler:
     """The sampler for one sequence: plain greedy in numpy, anything else by llama.cpp."""
     if params.temperature == 0 and grammar is None and not _penalized(params):
         return GreedySampler(_biases(vocab, params))

@@ -24,7 +24,7 @@ import llama_cpp
 import numpy as np
 
 from engines.base import Delta, SamplingParams, TokenLogprob
-from engines.llamacpp.native import Batch, Vocab, build_sampler, log_softmax, output_logits
+from engines.llamacpp.native import Batch, Sampler, Vocab, build_sampler, log_softmax, output_logits
 from engines.text import StopMatcher
 from engines.worker_thread import WorkerThread
 
@@ -44,7 +44,7 @@ class Sequence:
     n_cached: int = 0
     reused: int = 0  # prompt tokens whose KV cache was already in the slot
     generated: int = 0
-    sampler: Any = None
+    sampler: Sampler | None = None
     cancelled: bool = False
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     stops: StopMatcher | None = None
