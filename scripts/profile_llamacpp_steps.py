@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))  # scripts/ is on the path already, as the script's own folder
 
 from bench_streams import PROMPT  # noqa: E402
 from engines.base import EngineConfig, SamplingParams  # noqa: E402

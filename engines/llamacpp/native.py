@@ -148,8 +148,9 @@ class GreedySampler:
 
     def __init__(self, biases: dict[int, float]):
         self._biased = frozenset(biases)
-        self._bias_ids = np.array(sorted(biases), dtype=np.intp)
-        self._bias_values = np.array([biases[t] for t in sorted(biases)], dtype=np.float32)
+        ids = sorted(biases)
+        self._bias_ids = np.array(ids, dtype=np.intp)
+        self._bias_values = np.array([biases[t] for t in ids], dtype=np.float32)
         # With no bias above 0 (ignore_eos is -inf on the end tokens) no biased token can overtake an unbiased top.
         self._only_lowering = all(bias <= 0 for bias in biases.values())
 
