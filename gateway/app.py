@@ -9,13 +9,14 @@ import time
 from typing import Callable
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from engines import DEFAULT_EMBEDDING_MODELS, create_engine
 from engines.base import EngineConfig
 from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
-from gateway.api.own_body import OwnBodyRoute, include_body_schemas
+from gateway.api.own_body import OwnBodyLane, include_body_schemas
 from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
 from gateway.config import LocalTarget as LocalConfig
 from gateway.config import RemoteTarget as RemoteConfig
@@ -32,9 +33,17 @@ from gateway.targets import Breaker, LocalTarget, RemoteTarget
 from gateway.upstream import create_http_client
 
 
+class GatewayApp(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        """Starlette's stack (error pages, exception handlers, routes) inside the gateway's own layers: every
+        request gets an id, a log line and a count, /v1/ paths need a key, and model endpoints their own lane."""
+        starlette_stack = super().build_middleware_stack()
+        return RequestIdMiddleware(ApiKeyMiddleware(OwnBodyLane(starlette_stack, self.routes)))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="local-llm-gateway", version="0.1.0", lifespan=_lifespan)
+    app = GatewayApp(title="local-llm-gateway", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
     app.state.router = ModelRouter()  # filled at start-up
     app.state.keys = KeyRing([])
@@ -44,12 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                             lambda: _memory_gauges(app)))  # fmt: skip
     for module in (chat, completions, embeddings, models, health, metrics_api):
         app.include_router(module.router)
-    # Starlette tries routes in order, and FastAPI put its docs routes first: the model endpoints go ahead.
-    app.router.routes.sort(key=lambda route: not isinstance(route, OwnBodyRoute))
     include_body_schemas(app)
     install_error_handlers(app)
-    app.add_middleware(ApiKeyMiddleware)
-    app.add_middleware(RequestIdMiddleware)  # outermost: 401s get an id, a log line and a count too
     return app
 
 

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from gateway import metrics
@@ -71,11 +71,21 @@ async def _read_body(request: Request, request_type: type[ModelRequest], alarm: 
     """The validated body; 408 when the client is too slow to send it. (Parsed here rather than by FastAPI,
     whose body handling took more CPU than the rest of a relayed request.)"""
     try:
-        return request_type.parse(await alarm.wait(request.body()))
+        return request_type.parse(await alarm.wait(_receive_body(request.receive)))
     except TimeoutError:
         raise APIError(408, "The request body did not arrive in time.", type="timeout_error", code="timeout") from None
-    except ClientDisconnect:  # nobody reads the answer; the status is for the log and the metrics
-        raise APIError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="client_closed") from None
+
+
+async def _receive_body(receive: Receive) -> bytes:
+    """The request's body, from its ASGI messages. (Starlette's `Request.body` took eight times as long.)"""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":  # nobody reads the answer; the status is for the log and metrics
+            raise APIError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="client_closed")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def request_timeout(value: float | str | None, settings) -> float:

@@ -135,7 +135,7 @@ class RequestIdMiddleware:
             with tracing.span(record):
                 await self.app(scope, receive, send_with_id)
         except BaseException:
-            record.status = record.status or 500  # Starlette's outer error middleware answers it
+            record.status = record.status or 500  # Starlette's error middleware, inside, has answered it
             raise
         finally:
             if access_log.isEnabledFor(logging.INFO):

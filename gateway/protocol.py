@@ -13,7 +13,7 @@ import os
 import time
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import from_json
 
 from engines.base import SamplingParams
@@ -78,10 +78,13 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 class ModelRequest(Request):
     """A request the gateway routes by its `model` to a chain of targets."""
 
+    # The JSON body as the client sent it, set by `parse`: a slot, as a pydantic private attribute took
+    # 5 µs a request to set up.
+    __slots__ = ("_sent",)
+
     model: str
     # Seconds the whole request may take (as self-hosted servers accept it); the gateway caps it.
     timeout: float | None = Field(None, gt=0)
-    _sent: bytes | None = PrivateAttr(None)  # the JSON body as the client sent it, set by `parse`
 
     @classmethod
     def parse(cls, body: bytes) -> Self:
