@@ -93,7 +93,7 @@ class ModelRequest(Request):
             request = cls.model_validate_json(body)
         except ValidationError as error:
             raise invalid_request(error.errors()) from None
-        request._sent = body
+        object.__setattr__(request, "_sent", body)  # past pydantic's __setattr__, which checks for fields
         return request
 
     def as_sent(self) -> dict[str, Any]:
