@@ -163,7 +163,8 @@ class Alarm:
         """What `awaitable` gives, or TimeoutError once the alarm rings (at once if it has rung already)."""
         if self._rang:
             raise TimeoutError
-        self._waiting = task = asyncio.current_task()
+        # Given the loop, Python 3.11 skips the getpid() system call it makes to look the running loop up.
+        self._waiting = task = asyncio.current_task(self._loop)
         try:
             return await awaitable
         except asyncio.CancelledError:
