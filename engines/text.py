@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-# llama.cpp's BPE tokenizer takes ~30 µs plus ~1 µs a character on the 2-core CI machine (a 179-character
-# chat prompt: 190 µs, 360 µs with special tokens parsed) and releases the GIL; a hop to a worker thread
-# costs ~80 µs there. Texts up to this size are still tokenized in place: on a GPU host, tokenizing every
-# prompt off the loop spread a burst's submissions over several loop iterations, so its prompts no longer
-# shared a step (TTFT p50 at 4 streams: 11 ms, and 18-21 ms in 4 of 5 repetitions; docs/BENCHMARKS.md).
+# Hugging Face's tokenizers take tens of µs for a prompt, and a hop to a worker thread ~80 µs on the 2-core CI
+# machine: texts up to this size are tokenized in place. (llama.cpp's tokenizer is slower, 150-900 µs for a
+# 235-character prompt: the llama.cpp engine tokenizes on threads, and a burst's hand-over waits for them.)
 INLINE_TOKENIZE_CHARS = 1024
 
 

@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator, Callable
 
 from engines.base import Delta, EngineError, EngineOverloaded, UnsupportedFeature
 
+INTAKE_HOLD_S = 0.005  # the longest a hand-over waits for prompts still being tokenized
+
 
 class WorkerThread:
     """Subclasses implement `_run` (the thread's loop) and keep their running sequences in `_running`."""
@@ -31,6 +33,8 @@ class WorkerThread:
         self._running: list = []
         self._outbox: list[tuple[asyncio.Queue, Any]] = []
         self._arriving: list = []  # submitted on the event loop, not yet handed to the worker
+        self._intakes = 0  # prompts being tokenized off the event loop, for requests about to submit
+        self._held_since: float | None = None  # when a hand-over began to wait for them
         self._submitted = 0  # written by the event loop only
         self._admitted = 0  # written by the worker only
         self._loop = asyncio.get_running_loop()
@@ -80,7 +84,28 @@ class WorkerThread:
         else:
             self._loop.call_soon(self._loop.call_soon, self._hand_over)
 
+    @contextlib.contextmanager
+    def intake(self):
+        """Around tokenizing a prompt off the event loop. A burst's prompts are tokenized side by side on other
+        threads and finish in different loop iterations; the hand-over waits for them (up to INTAKE_HOLD_S), so
+        they still share the next step."""
+        self._intakes += 1
+        try:
+            yield
+        finally:
+            self._intakes -= 1
+            if self._intakes == 0 and self._held_since is not None:
+                self._loop.call_soon(self._loop.call_soon, self._hand_over)  # as `_enqueue` does: two iterations
+
     def _hand_over(self) -> None:
+        if self._intakes and self._arriving:
+            now = self._loop.time()
+            if self._held_since is None:
+                self._held_since = now
+                self._loop.call_later(INTAKE_HOLD_S, self._hand_over)
+            if now - self._held_since < INTAKE_HOLD_S:
+                return
+        self._held_since = None
         arriving, self._arriving = self._arriving, []
         for sequence in arriving:
             if self._stopping:  # the worker has gone: nothing else would answer this sequence
