@@ -82,7 +82,11 @@ class WorkerThread:
         if idle and self._gather_for > 0:
             self._loop.call_later(self._gather_for, self._hand_over)
         else:
-            self._loop.call_soon(self._loop.call_soon, self._hand_over)
+            self._hand_over_soon()
+
+    def _hand_over_soon(self) -> None:
+        """Two loop iterations from now (see `_enqueue`)."""
+        self._loop.call_soon(self._loop.call_soon, self._hand_over)
 
     @contextlib.contextmanager
     def intake(self):
@@ -95,7 +99,7 @@ class WorkerThread:
         finally:
             self._intakes -= 1
             if self._intakes == 0 and self._held_since is not None:
-                self._loop.call_soon(self._loop.call_soon, self._hand_over)  # as `_enqueue` does: two iterations
+                self._hand_over_soon()
 
     def _hand_over(self) -> None:
         if self._intakes and self._arriving:

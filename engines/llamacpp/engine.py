@@ -174,7 +174,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
                 f"model {self.config.served_name!r} has no chat template; use /v1/completions", param="model"
             )
         text = self._chat_formatter(messages=messages).prompt
-        tokens = await self._tokenize(text, add_special=False, parse_special=True)
+        tokens = await self._tokenize_prompt(text, add_special=False, parse_special=True)
         return Prompt(text=text, token_ids=tokens)
 
     async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
@@ -182,7 +182,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         if isinstance(prompt, list):
             self._check_token_ids(prompt)
             return Prompt(text="", token_ids=list(prompt))
-        tokens = await self._tokenize(prompt, add_special=True, parse_special=False)
+        tokens = await self._tokenize_prompt(prompt, add_special=True, parse_special=False)
         return Prompt(text=prompt, token_ids=tokens or [self._vocab.bos])
 
     async def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
@@ -190,8 +190,13 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         its regular expressions on every call) and releases the GIL, so a burst's prompts are tokenized side by
         side instead of one after the other on the event loop."""
         encode = functools.partial(self._vocab.tokenize, add_special=add_special, parse_special=parse_special)
+        return await asyncio.to_thread(encode, text)
+
+    async def _tokenize_prompt(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """A prompt about to be submitted: the worker's hand-over waits for it (`WorkerThread.intake`). Inputs to
+        embed are tokenized without, as they never reach the hand-over."""
         with self._require_ready().intake():
-            return await asyncio.to_thread(encode, text)
+            return await self._tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def _check_token_ids(self, tokens: list[int]) -> None:
         if not tokens or any(t < 0 or t >= self._vocab.size for t in tokens):
