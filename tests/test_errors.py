@@ -91,6 +91,7 @@ def test_context_length_exceeded(server, client):
         ("/completions", {"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
         ("/completions", {"model": MODEL, "prompt": "hi", "logprobs": 9}, "logprobs"),
         ("/completions", {"model": MODEL, "prompt": []}, "prompt"),
+        ("/completions", {"model": MODEL, "prompt": [[1, 2], []]}, "prompt"),
         ("/completions", {"model": MODEL, "prompt": [99999999]}, "prompt"),
         ("/embeddings", {"input": ""}, "input"),
         ("/embeddings", {"input": []}, "input"),
