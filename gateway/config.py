@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.settings import Settings
 
@@ -48,13 +48,34 @@ class RemoteTarget(Strict):
     connect_timeout: float = Field(5, gt=0)
     read_timeout: float = Field(60, gt=0, description="longest wait for the first byte and between chunks")
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http:// or https:// URL, not {url!r}")
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _one_line_each(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            _one_line(f"header {name!r}", name + value)
+        return headers
+
     def api_key(self) -> str | None:
         if self.api_key_env is None:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
             raise ValueError(f"environment variable {self.api_key_env} (api_key_env of {self.base_url}) is not set")
-        return key
+        return _one_line(f"environment variable {self.api_key_env}", key)
+
+
+def _one_line(what: str, text: str) -> str:
+    """What goes into a request's head: a line break would end the header early (or forge another)."""
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"{what} holds a line break")
+    return text
 
 
 TargetConfig = Annotated[LocalTarget | RemoteTarget, Field(discriminator="type")]

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="comma-separated keys clients must send (unset: open)")
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key from LLM_API_KEYS")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key from LLM_API_KEYS")
-    http_client: str = Field("aiohttp", description="upstream HTTP client: aiohttp | httpx")
+    http_client: str = Field("http1", description="upstream HTTP client: http1 | aiohttp | httpx")
     unload_after_seconds: float = Field(300, ge=0, description="unload a model idle this long (0: never)")
     memory_budget_mb: int | None = Field(None, ge=1, description="RAM for models without CUDA (default: 80 percent)")
     load_wait_seconds: float = Field(60, ge=0, description="how long a request waits for its model to load before 503")

@@ -14,6 +14,8 @@ from typing import AsyncContextManager, AsyncIterator, Callable, Mapping, Protoc
 import aiohttp
 import httpx
 
+from gateway import http1
+
 POOL_CONNECTIONS = 512  # open connections across all providers
 POOL_KEEPALIVE = 64  # idle connections kept for reuse
 
@@ -99,36 +101,55 @@ class AiohttpClient:
         connector = aiohttp.TCPConnector(limit=POOL_CONNECTIONS, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(connector=connector)
 
-    def post(self, url, body, headers, connect_timeout, read_timeout) -> _AiohttpExchange:
+    def post(self, url, body, headers, connect_timeout, read_timeout) -> _Exchange:
         timeout = _client_timeout(connect_timeout, read_timeout)
-        return _AiohttpExchange(url, self._session.post(url, data=body, headers=headers, timeout=timeout))
+        request = self._session.post(url, data=body, headers=headers, timeout=timeout)
+        return _Exchange(url, request, _AiohttpResponse, (aiohttp.ClientError, TimeoutError))
 
     async def close(self) -> None:
         await self._session.close()
 
 
-class _AiohttpExchange:
-    """aiohttp's POST context with its failures as UpstreamUnavailable, on the way in or while the body is
+class Http1Client:
+    """`gateway.http1`: the least CPU and time per relayed request of the three (docs/BENCHMARKS.md)."""
+
+    def __init__(self) -> None:
+        self._pool = http1.Pool(POOL_CONNECTIONS)
+
+    def post(self, url, body, headers, connect_timeout, read_timeout) -> _Exchange:
+        request = self._pool.post(url, body, headers, connect_timeout, read_timeout)
+        return _Exchange(url, request, _as_is, (OSError, TimeoutError))
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class _Exchange:
+    """A client's POST context with its failures as UpstreamUnavailable, on the way in or while the body is
     read. (A class: a generator-based context manager cost four times as much.)"""
 
-    def __init__(self, url: str, request):
-        self._url, self._request = url, request
+    def __init__(self, url: str, request, wrap: Callable, failures: tuple[type[BaseException], ...]):
+        self._url, self._request, self._wrap, self._failures = url, request, wrap, failures
 
-    async def __aenter__(self) -> _AiohttpResponse:
+    async def __aenter__(self) -> UpstreamResponse:
         try:
-            return _AiohttpResponse(await self._request.__aenter__())
-        except (aiohttp.ClientError, TimeoutError) as error:
+            return self._wrap(await self._request.__aenter__())
+        except self._failures as error:
             raise self._unavailable(error) from error
 
     async def __aexit__(self, kind, error, traceback) -> None:
         await self._request.__aexit__(kind, error, traceback)
-        if isinstance(error, (aiohttp.ClientError, TimeoutError)):
+        if isinstance(error, self._failures):
             raise self._unavailable(error) from error
 
-    def _unavailable(self, error: aiohttp.ClientError | TimeoutError) -> UpstreamUnavailable:
+    def _unavailable(self, error: BaseException) -> UpstreamUnavailable:
         if isinstance(error, TimeoutError):  # aiohttp's ServerTimeoutError is one too
             return UpstreamUnavailable(f"{self._url} timed out ({type(error).__name__})", timed_out=True)
         return UpstreamUnavailable(f"{self._url} could not be reached ({type(error).__name__})")
+
+
+def _as_is(response: UpstreamResponse) -> UpstreamResponse:
+    return response
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,7 +158,11 @@ def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
 
 
-HTTP_CLIENTS: dict[str, Callable[[], HttpClient]] = {"httpx": HttpxClient, "aiohttp": AiohttpClient}
+HTTP_CLIENTS: dict[str, Callable[[], HttpClient]] = {
+    "http1": Http1Client,
+    "aiohttp": AiohttpClient,
+    "httpx": HttpxClient,
+}
 
 
 def create_http_client(name: str) -> HttpClient:

@@ -1,0 +1,218 @@
+"""The relay's HTTP/1.1 client (gateway/http1.py, through its seam in gateway/upstream.py) against raw TCP
+servers started here, for what a well-behaved upstream (tests/upstream.py) never does: drop a pooled
+connection, answer HTTP/1.0 style, split a line or a character across packets, stall, send a large body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from gateway.upstream import Http1Client, UpstreamUnavailable
+
+BODY = b'{"model": "m"}'
+HEADERS = {"Content-Type": "application/json"}
+
+
+async def _serve(handler) -> tuple[asyncio.Server, str]:
+    """A loopback server running `handler(reader, writer)` per connection; its base URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    return await reader.readexactly(int(lengths[0]))
+
+
+def _ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def _post(client: Http1Client, url: str, read_timeout: float = 5.0) -> tuple[int, bytes]:
+    async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, read_timeout) as response:
+        return response.status, await response.read()
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced():
+    """The server closes a kept-alive connection as the next request arrives on it: that request goes out
+    again on a new connection, unseen by the caller."""
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        await _read_request(reader)
+        writer.write(_ok(b'{"n": %d}' % len(connections)))
+        await writer.drain()
+        if len(connections) == 1:
+            await _read_request(reader)  # the second request, on the same connection: dropped unanswered
+        writer.close()
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        try:
+            assert await _post(client, url) == (200, b'{"n": 1}')
+            assert await _post(client, url) == (200, b'{"n": 2}')
+        finally:
+            await client.close()
+            server.close()
+        assert len(connections) == 2
+
+    asyncio.run(main())
+
+
+def test_connections_are_reused():
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        while not reader.at_eof():
+            try:
+                await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(_ok(b"{}"))
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        try:
+            for _ in range(5):
+                assert await _post(client, url) == (200, b"{}")
+        finally:
+            await client.close()
+            server.close()
+        assert len(connections) == 1
+
+    asyncio.run(main())
+
+
+def test_a_body_that_ends_with_the_connection():
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"old": "style"}')
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        try:
+            assert await _post(client, url) == (200, b'{"old": "style"}')
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_chunked_lines_split_anywhere():
+    """SSE lines come out whole, however the chunks cut them, even inside a UTF-8 character."""
+    events = [json.dumps({"content": text}, ensure_ascii=False) for text in ("héllo", "wörld", "日本")]
+    payload = "".join(f"data: {event}\n\n" for event in events).encode() + b"data: [DONE]\n\n"
+
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(payload), 7):  # 7-byte chunks, each sent on its own
+            piece = payload[start : start + 7]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        try:
+            async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 5.0) as response:
+                lines = [line async for line in response.lines() if line]
+        finally:
+            await client.close()
+            server.close()
+        assert lines == [f"data: {event}" for event in events] + ["data: [DONE]"]
+
+    asyncio.run(main())
+
+
+def test_a_large_body_arrives_whole():
+    body = bytes(range(256)) * (24 * 1024)  # 6 MiB: past the point where the client stops reading for a while
+
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(_ok(body))
+        await writer.drain()
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        try:
+            status, whole = await _post(client, url)
+        finally:
+            await client.close()
+            server.close()
+        assert status == 200 and whole == body
+
+    asyncio.run(main())
+
+
+def test_a_stalled_server_times_out():
+    async def handler(reader, writer):
+        await _read_request(reader)
+        await asyncio.sleep(10)
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        started = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await _post(client, url, read_timeout=0.3)
+        finally:
+            await client.close()
+            server.close()
+        assert raised.value.timed_out
+        assert asyncio.get_running_loop().time() - started < 3
+
+    asyncio.run(main())
+
+
+def test_a_connection_cut_mid_body_is_unavailable():
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\"")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server, url = await _serve(handler)
+        client = Http1Client()
+        try:
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await _post(client, url)
+        finally:
+            await client.close()
+            server.close()
+        assert not raised.value.timed_out
+
+    asyncio.run(main())
+
+
+def test_nobody_listening_is_unavailable():
+    async def main():
+        server, url = await _serve(lambda reader, writer: None)
+        server.close()
+        await server.wait_closed()
+        client = Http1Client()
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await _post(client, url)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
