@@ -3,8 +3,8 @@ parsed by httptools (the C parser uvicorn uses). It does what a relay needs and 
 read whole or line by line, pooled connections, timeouts, TLS. No redirects, cookies, proxies or compression
 (it asks for none). Failures are ConnectionError (OSError) or TimeoutError; `gateway.upstream` maps them.
 
-Why not aiohttp's client: for the same request it took more CPU and 1.6x the time, which was most of a relayed
-request's cost (docs/BENCHMARKS.md, benchmark 3).
+Why not aiohttp's client: it took twice the CPU per request (`scripts/bench_http_client.py`), and was most of
+a relayed request's cost (docs/BENCHMARKS.md, benchmark 3).
 """
 
 from __future__ import annotations
@@ -87,19 +87,19 @@ class _Exchange:
     """One POST: `async with` gives the response once its headers are in; leaving closes or pools the
     connection."""
 
-    def __init__(self, client: Pool, url: str, body: bytes, headers: dict[str, str], connect_timeout: float,
+    def __init__(self, pool: Pool, url: str, body: bytes, headers: dict[str, str], connect_timeout: float,
                  read_timeout: float):  # fmt: skip
-        self._client, self._url, self._body, self._headers = client, url, body, headers
+        self._pool, self._url, self._body, self._headers = pool, url, body, headers
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._connection: _Connection | None = None
         self._key: tuple = ()
 
     async def __aenter__(self) -> _Response:
-        client = self._client
-        scheme, host, port, path = client._origin(self._url)
+        pool = self._pool
+        scheme, host, port, path = pool._origin(self._url)
         self._key = (scheme, host, port)
         request = _request_bytes(host, port, scheme, path, self._headers, self._body)
-        await client._slots.acquire()
+        await pool._slots.acquire()
         try:
             return await self._send(request)
         except BaseException:
@@ -108,14 +108,14 @@ class _Exchange:
 
     async def _send(self, request: bytes) -> _Response:
         # A pooled connection the server has just closed fails before any answer: then once more on a new one.
-        connection = self._client._checkout(self._key)
+        connection = self._pool._checkout(self._key)
         if connection is not None:
             self._connection = connection
             response = await self._try(connection, request, retry_if_stale=True)
             if response is not None:
                 return response
             connection.close()
-        self._connection = connection = await self._client._connect(*self._key, self._connect_timeout)
+        self._connection = connection = await self._pool._connect(*self._key, self._connect_timeout)
         return await self._try(connection, request, retry_if_stale=False)
 
     async def _try(self, connection: _Connection, request: bytes, retry_if_stale: bool) -> _Response | None:
@@ -137,10 +137,10 @@ class _Exchange:
         connection, self._connection = self._connection, None
         if connection is not None:
             if reuse:
-                self._client._checkin(self._key, connection)
+                self._pool._checkin(self._key, connection)
             else:
                 connection.close()
-        self._client._slots.release()
+        self._pool._slots.release()
 
 
 def _request_bytes(host: str, port: int, scheme: str, path: str, headers: dict[str, str], body: bytes) -> bytes:

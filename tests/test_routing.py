@@ -569,16 +569,18 @@ def test_remote_streams_record_time_to_first_token(client, routed):
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 5)  # from the usage the gateway asked for
 
 
-# ---- the simple case: env vars only, the other HTTP client ----------------------------------------
+# ---- the simple case: env vars only, the other HTTP clients ---------------------------------------
 
 
-def test_env_only_fallback_through_the_httpx_client(tmp_path, upstream):
-    """No config file: a local model that failed to load falls back to LLM_FALLBACK_BASE_URL."""
+@pytest.mark.parametrize("http_client", ["httpx", "aiohttp"])
+def test_env_only_fallback_through_the_other_clients(tmp_path, upstream, http_client):
+    """No config file: a local model that failed to load falls back to LLM_FALLBACK_BASE_URL, through the
+    clients other than the default (which every other test here uses)."""
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     env = {
         "LLM_MODEL": str(broken), "LLM_FALLBACK_BASE_URL": upstream.base_url("env-ok"),
-        "LLM_FALLBACK_API_KEY_ENV": "FALLBACK_KEY", "FALLBACK_KEY": "sk-upstream", "LLM_HTTP_CLIENT": "httpx",
+        "LLM_FALLBACK_API_KEY_ENV": "FALLBACK_KEY", "FALLBACK_KEY": "sk-upstream", "LLM_HTTP_CLIENT": http_client,
     }  # fmt: skip
     server = start_server(tmp_path, env, wait_ready=False)
     try:
