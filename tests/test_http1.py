@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import pytest
+import trustme
+import uvloop
 
 from gateway.upstream import Http1Client, UpstreamUnavailable
 
@@ -15,11 +18,17 @@ BODY = b'{"model": "m"}'
 HEADERS = {"Content-Type": "application/json"}
 
 
-async def _serve(handler) -> tuple[asyncio.Server, str]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    """Each test on asyncio's own loop and on uvloop (the gateway's, whose transports and TLS differ)."""
+    return asyncio.run if request.param == "asyncio" else uvloop.run
+
+
+async def _serve(handler, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> tuple[asyncio.Server, str]:
     """A loopback server running `handler(reader, writer)` per connection; its base URL."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    return server, f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
@@ -37,7 +46,7 @@ async def _post(client: Http1Client, url: str, read_timeout: float = 5.0) -> tup
         return response.status, await response.read()
 
 
-def test_a_pooled_connection_the_server_dropped_is_replaced():
+def test_a_pooled_connection_the_server_dropped_is_replaced(run):
     """The server closes a kept-alive connection as the next request arrives on it: that request goes out
     again on a new connection, unseen by the caller."""
     connections = []
@@ -62,10 +71,10 @@ def test_a_pooled_connection_the_server_dropped_is_replaced():
             server.close()
         assert len(connections) == 2
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_connections_are_reused():
+def test_connections_are_reused(run):
     connections = []
 
     async def handler(reader, writer):
@@ -88,10 +97,10 @@ def test_connections_are_reused():
             server.close()
         assert len(connections) == 1
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_body_that_ends_with_the_connection():
+def test_a_body_that_ends_with_the_connection(run):
     async def handler(reader, writer):
         await _read_request(reader)
         writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"old": "style"}')
@@ -107,10 +116,10 @@ def test_a_body_that_ends_with_the_connection():
             await client.close()
             server.close()
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_chunked_lines_split_anywhere():
+def test_chunked_lines_split_anywhere(run):
     """SSE lines come out whole, however the chunks cut them, even inside a UTF-8 character."""
     events = [json.dumps({"content": text}, ensure_ascii=False) for text in ("héllo", "wörld", "日本")]
     payload = "".join(f"data: {event}\n\n" for event in events).encode() + b"data: [DONE]\n\n"
@@ -137,10 +146,10 @@ def test_chunked_lines_split_anywhere():
             server.close()
         assert lines == [f"data: {event}" for event in events] + ["data: [DONE]"]
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_large_body_arrives_whole():
+def test_a_large_body_arrives_whole(run):
     body = bytes(range(256)) * (24 * 1024)  # 6 MiB: past the point where the client stops reading for a while
 
     async def handler(reader, writer):
@@ -158,10 +167,10 @@ def test_a_large_body_arrives_whole():
             server.close()
         assert status == 200 and whole == body
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_stalled_server_times_out():
+def test_a_stalled_server_times_out(run):
     async def handler(reader, writer):
         await _read_request(reader)
         await asyncio.sleep(10)
@@ -179,10 +188,10 @@ def test_a_stalled_server_times_out():
         assert raised.value.timed_out
         assert asyncio.get_running_loop().time() - started < 3
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_connection_cut_mid_body_is_unavailable():
+def test_a_connection_cut_mid_body_is_unavailable(run):
     async def handler(reader, writer):
         await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\"")
@@ -200,10 +209,10 @@ def test_a_connection_cut_mid_body_is_unavailable():
             server.close()
         assert not raised.value.timed_out
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_nobody_listening_is_unavailable():
+def test_nobody_listening_is_unavailable(run):
     async def main():
         server, url = await _serve(lambda reader, writer: None)
         server.close()
@@ -215,4 +224,58 @@ def test_nobody_listening_is_unavailable():
         finally:
             await client.close()
 
-    asyncio.run(main())
+    run(main())
+
+
+@pytest.fixture
+def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:
+    """A server certificate for localhost from a CA that this test's clients trust (through SSL_CERT_FILE,
+    which the default TLS context reads when it is made) and no other does."""
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(context)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    return context
+
+
+def _answer_every_request(reader, writer):
+    async def loop():
+        while True:
+            try:
+                await _read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(_ok(b'{"tls": true}'))
+
+    return loop()
+
+
+def test_https_with_a_verified_certificate(tls_server_context, run):
+    async def main():
+        server, url = await _serve(_answer_every_request, tls_server_context, host="localhost")
+        client = Http1Client()
+        try:
+            assert await _post(client, url) == (200, b'{"tls": true}')
+            assert await _post(client, url) == (200, b'{"tls": true}')  # on the pooled connection
+        finally:
+            await client.close()
+            server.close()
+
+    run(main())
+
+
+def test_https_refuses_a_certificate_for_another_name(tls_server_context, run):
+    """Reached as 127.0.0.1, the server shows a certificate for localhost only: no answer is read."""
+
+    async def main():
+        server, url = await _serve(_answer_every_request, tls_server_context, host="127.0.0.1")
+        client = Http1Client()
+        try:
+            with pytest.raises(UpstreamUnavailable):
+                await _post(client, url)
+        finally:
+            await client.close()
+            server.close()
+
+    run(main())
