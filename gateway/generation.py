@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -23,6 +25,7 @@ from gateway.protocol import Usage
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody is left to read it
 WATCH_AFTER = 0.05  # seconds into a request before a watcher waits for its client to go away
+PING_S = 15  # seconds between SSE comment lines that keep idle proxies from closing a stream
 
 
 def fit_max_tokens(engine: Engine, prompt_tokens: int, requested: int | None, param: str = "messages") -> int:
@@ -187,7 +190,10 @@ async def produce(reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream
 
 
 async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecord) -> AsyncIterator[tuple[int, Delta]]:
-    """Pass deltas through, counting completion tokens and timing the first token and the gaps after it."""
+    """Pass deltas through, counting completion tokens and timing the first token and the gaps after it.
+
+    The first token's metrics are recorded after it has been sent (next loop iteration), and the gap
+    histogram is looked up at the second: neither belongs on the time to first token."""
     last_at: dict[int, float] = {}
     observe_gap = None
     async with contextlib.aclosing(merged):
@@ -199,9 +205,9 @@ async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecor
                 record.completion_tokens += delta.tokens
                 if record.first_token_at is None:
                     record.first_token_at = arrived
-                    metrics.observe_first_token(record)
-                    observe_gap = metrics.token_gap_observer(record)
+                    asyncio.get_running_loop().call_soon(metrics.observe_first_token, record)
                 elif index in last_at:
+                    observe_gap = observe_gap or metrics.token_gap_observer(record)
                     # A delta can carry several tokens (held back for a stop sequence or UTF-8): share the gap.
                     for _ in range(delta.tokens):
                         observe_gap((arrived - last_at[index]) / delta.tokens)
@@ -222,7 +228,7 @@ def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = No
             yield b"data: %s\n\n" % json.dumps(as_api_error(error).body()).encode()
         yield b"data: [DONE]\n\n"
 
-    return _EventStream(with_done(), sep="\n", headers=headers, ping=15)
+    return _EventStream.streaming(with_done(), headers or {})
 
 
 class _EventStream(EventSourceResponse):
@@ -231,21 +237,52 @@ class _EventStream(EventSourceResponse):
     tasks, which cost 385 µs per stream on the 2-core CI machine, more than a whole relayed request; its
     fourth task ends streams at server shutdown, which uvicorn's graceful shutdown does here instead."""
 
+    @classmethod
+    def streaming(cls, events: AsyncIterator[bytes], headers: dict[str, str]) -> _EventStream:
+        """A copy of one response made per set of headers, with its own events, headers list and send lock.
+        sse-starlette's constructor builds the headers and an anyio lock each time: a fifth of the Python work
+        between a stream's first token and its first byte on the wire. (tests/test_units.py checks that a copy
+        shares nothing mutable with its template.)"""
+        template = _template(tuple(headers.items()))
+        stream = copy.copy(template)
+        stream.body_iterator, stream.raw_headers, stream._send_lock = events, list(template.raw_headers), asyncio.Lock()
+        return stream
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.current_task()
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, streaming))
-        pings = asyncio.create_task(self._ping(send)) if self.ping_interval > 0 else None
+        watcher: asyncio.Task | None = None
+        pings: asyncio.Task | None = None
+
+        def start_helpers() -> None:
+            nonlocal watcher, pings
+            watcher = asyncio.create_task(_cancel_on_disconnect(receive, streaming))
+            pings = asyncio.create_task(self._ping(send)) if self.ping_interval > 0 else None
+
+        # In the next loop iteration: by then the first event (there as the stream starts) has been sent,
+        # so starting the two tasks is not part of the time to first token.
+        starting = asyncio.get_running_loop().call_soon(start_helpers)
         try:
             await self._stream_response(send)
         except asyncio.CancelledError:
             if not _client_left(watcher, streaming):
                 raise  # cancelled from elsewhere (server shutdown), not because the client left
         finally:
-            watcher.cancel()
-            if pings is not None:
-                pings.cancel()
+            starting.cancel()
+            for helper in (watcher, pings):
+                if helper is not None:
+                    helper.cancel()
 
     async def _send_with_timeout(self, send, message) -> None:
         """Without the per-send timeout, which we never set: it still opened an anyio cancel scope around
         every event, about a quarter of the Python work per streamed token."""
         await send(message)
+
+
+@functools.lru_cache(maxsize=64)
+def _template(headers: tuple[tuple[str, str], ...]) -> _EventStream:
+    return _EventStream(_no_events(), sep="\n", headers=dict(headers), ping=PING_S)
+
+
+async def _no_events() -> AsyncIterator[bytes]:
+    return
+    yield

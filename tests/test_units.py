@@ -177,6 +177,25 @@ def test_the_sse_send_we_override_is_one_sse_starlette_calls():
     assert "_send_with_timeout" in vars(_EventStream)
 
 
+def test_a_streaming_response_shares_nothing_mutable_with_its_template():
+    """Streams are copies of one response per set of headers (sse_response): a lock, list or event shared
+    with the template, one sse-starlette might add, would be shared by every stream."""
+    from gateway.generation import _EventStream, _template
+
+    async def events():
+        yield b"data: 1\n\n"
+
+    async def made() -> tuple[_EventStream, _EventStream]:
+        return _EventStream.streaming(events(), {"x-llm-target": "t"}), _template((("x-llm-target", "t"),))
+
+    stream, template = asyncio.run(made())
+    immutable = (type(None), bool, int, float, str, bytes, tuple)
+    shared = [name for name, value in vars(stream).items() if not isinstance(value, immutable)
+              and value is getattr(template, name)]  # fmt: skip
+    assert shared == []
+    assert (b"x-llm-target", b"t") in stream.raw_headers and stream.ping_interval > 0
+
+
 def test_an_sse_stream_pings_while_it_waits_and_ends_when_its_client_leaves():
     from gateway.generation import _EventStream
 
