@@ -5,6 +5,7 @@ connection, answer HTTP/1.0 style, split a line or a character across packets, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 
@@ -24,11 +25,16 @@ def run(request):
     return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
-async def _serve(handler, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> tuple[asyncio.Server, str]:
-    """A loopback server running `handler(reader, writer)` per connection; its base URL."""
+@contextlib.asynccontextmanager
+async def _connected(handler, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
+    """A client, and the base URL of a loopback server running `handler(reader, writer)` per connection."""
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"{'https' if tls else 'http'}://{host}:{port}"
+    client = Http1Client()
+    try:
+        yield client, f"{'https' if tls else 'http'}://{host}:{server.sockets[0].getsockname()[1]}"
+    finally:
+        await client.close()
+        server.close()
 
 
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
@@ -61,14 +67,9 @@ def test_a_pooled_connection_the_server_dropped_is_replaced(run):
         writer.close()
 
     async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
-        try:
+        async with _connected(handler) as (client, url):
             assert await _post(client, url) == (200, b'{"n": 1}')
             assert await _post(client, url) == (200, b'{"n": 2}')
-        finally:
-            await client.close()
-            server.close()
         assert len(connections) == 2
 
     run(main())
@@ -77,44 +78,43 @@ def test_a_pooled_connection_the_server_dropped_is_replaced(run):
 def test_connections_are_reused(run):
     connections = []
 
-    async def handler(reader, writer):
+    def handler(reader, writer):
         connections.append(writer)
-        while not reader.at_eof():
-            try:
-                await _read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(_ok(b"{}"))
+        return _answer_every_request(reader, writer)
 
     async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
-        try:
+        async with _connected(handler) as (client, url):
             for _ in range(5):
-                assert await _post(client, url) == (200, b"{}")
-        finally:
-            await client.close()
-            server.close()
+                assert await _post(client, url) == (200, b'{"ok": true}')
         assert len(connections) == 1
 
     run(main())
 
 
-def test_a_body_that_ends_with_the_connection(run):
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # HTTP/1.0 style: no length, no chunks, the body ends where the connection does
+        (b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"old": "style"}', (200, b'{"old": "style"}')),
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial"', None),  # cut 90 bytes short
+    ],
+    ids=["ends-with-the-connection", "cut-mid-body"],
+)
+def test_a_response_the_server_closes_the_connection_on(run, answer, expected):
     async def handler(reader, writer):
         await _read_request(reader)
-        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"old": "style"}')
+        writer.write(answer)
         await writer.drain()
         writer.close()
 
     async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
-        try:
-            assert await _post(client, url) == (200, b'{"old": "style"}')
-        finally:
-            await client.close()
-            server.close()
+        async with _connected(handler) as (client, url):
+            if expected is not None:
+                assert await _post(client, url) == expected
+                return
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await _post(client, url)
+            assert not raised.value.timed_out
 
     run(main())
 
@@ -136,14 +136,9 @@ def test_chunked_lines_split_anywhere(run):
         await writer.drain()
 
     async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
-        try:
+        async with _connected(handler) as (client, url):
             async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 5.0) as response:
                 lines = [line async for line in response.lines() if line]
-        finally:
-            await client.close()
-            server.close()
         assert lines == [f"data: {event}" for event in events] + ["data: [DONE]"]
 
     run(main())
@@ -158,13 +153,8 @@ def test_a_large_body_arrives_whole(run):
         await writer.drain()
 
     async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
-        try:
+        async with _connected(handler) as (client, url):
             status, whole = await _post(client, url)
-        finally:
-            await client.close()
-            server.close()
         assert status == 200 and whole == body
 
     run(main())
@@ -176,53 +166,24 @@ def test_a_stalled_server_times_out(run):
         await asyncio.sleep(10)
 
     async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
         started = asyncio.get_running_loop().time()
-        try:
+        async with _connected(handler) as (client, url):
             with pytest.raises(UpstreamUnavailable) as raised:
                 await _post(client, url, read_timeout=0.3)
-        finally:
-            await client.close()
-            server.close()
         assert raised.value.timed_out
         assert asyncio.get_running_loop().time() - started < 3
 
     run(main())
 
 
-def test_a_connection_cut_mid_body_is_unavailable(run):
-    async def handler(reader, writer):
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\"")
-        await writer.drain()
-        writer.close()
-
-    async def main():
-        server, url = await _serve(handler)
-        client = Http1Client()
-        try:
-            with pytest.raises(UpstreamUnavailable) as raised:
-                await _post(client, url)
-        finally:
-            await client.close()
-            server.close()
-        assert not raised.value.timed_out
-
-    run(main())
-
-
 def test_nobody_listening_is_unavailable(run):
     async def main():
-        server, url = await _serve(lambda reader, writer: None)
-        server.close()
-        await server.wait_closed()
+        async with _connected(_answer_every_request) as (_, url):
+            pass  # the server closes here: nothing listens at its URL any more
         client = Http1Client()
-        try:
-            with pytest.raises(UpstreamUnavailable):
-                await _post(client, url)
-        finally:
-            await client.close()
+        with pytest.raises(UpstreamUnavailable):
+            await _post(client, url)
+        await client.close()
 
     run(main())
 
@@ -246,21 +207,16 @@ def _answer_every_request(reader, writer):
                 await _read_request(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            writer.write(_ok(b'{"tls": true}'))
+            writer.write(_ok(b'{"ok": true}'))
 
     return loop()
 
 
 def test_https_with_a_verified_certificate(tls_server_context, run):
     async def main():
-        server, url = await _serve(_answer_every_request, tls_server_context, host="localhost")
-        client = Http1Client()
-        try:
-            assert await _post(client, url) == (200, b'{"tls": true}')
-            assert await _post(client, url) == (200, b'{"tls": true}')  # on the pooled connection
-        finally:
-            await client.close()
-            server.close()
+        async with _connected(_answer_every_request, tls_server_context, host="localhost") as (client, url):
+            assert await _post(client, url) == (200, b'{"ok": true}')
+            assert await _post(client, url) == (200, b'{"ok": true}')  # on the pooled connection
 
     run(main())
 
@@ -269,13 +225,8 @@ def test_https_refuses_a_certificate_for_another_name(tls_server_context, run):
     """Reached as 127.0.0.1, the server shows a certificate for localhost only: no answer is read."""
 
     async def main():
-        server, url = await _serve(_answer_every_request, tls_server_context, host="127.0.0.1")
-        client = Http1Client()
-        try:
+        async with _connected(_answer_every_request, tls_server_context, host="127.0.0.1") as (client, url):
             with pytest.raises(UpstreamUnavailable):
                 await _post(client, url)
-        finally:
-            await client.close()
-            server.close()
 
     run(main())
