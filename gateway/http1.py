@@ -129,9 +129,7 @@ class _Exchange:
         return response
 
     async def __aexit__(self, kind, error, traceback) -> None:
-        connection = self._connection
-        complete = connection is not None and connection.response is not None and connection.response.complete
-        self._release(reuse=error is None and complete)
+        self._release(reuse=error is None)  # the pool keeps it only if its response was read to the end
 
     def _release(self, reuse: bool) -> None:
         connection, self._connection = self._connection, None
@@ -238,7 +236,7 @@ class _Response:
         self._connection = connection
         self._read_timeout = read_timeout
         self._loop = connection._loop
-        self.status = 0
+        self.status = 0  # until the headers are in
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.raw_headers: list[tuple[str, str]] = []
         self.started = False  # a byte of it has arrived
@@ -249,7 +247,6 @@ class _Response:
         self._paused = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future | None = None
-        self._has_headers = False
 
     # ---- the connection's side ----
 
@@ -257,7 +254,6 @@ class _Response:
         self.status = status
         self.headers = CIMultiDict(self.raw_headers)
         self.until_close = "content-length" not in self.headers and "transfer-encoding" not in self.headers
-        self._has_headers = True
         self._wake()
 
     def feed(self, chunk: bytes) -> None:
@@ -284,7 +280,7 @@ class _Response:
     # ---- the reader's side ----
 
     async def headers_in(self) -> None:
-        while not self._has_headers:
+        while not self.status:
             await self._wait()
 
     async def read(self) -> bytes:
