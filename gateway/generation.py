@@ -8,11 +8,13 @@ import copy
 import functools
 import json
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic_core import to_json
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
@@ -26,6 +28,8 @@ T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody is left to read it
 WATCH_AFTER = 0.05  # seconds into a request before a watcher waits for its client to go away
 PING_S = 15  # seconds between SSE comment lines that keep idle proxies from closing a stream
+# Stands for a delta's text in a chunk rendered once per stream; random, so no request can contain it.
+TEXT_PLACEHOLDER = uuid.uuid4().hex
 
 
 def fit_max_tokens(engine: Engine, prompt_tokens: int, requested: int | None, param: str = "messages") -> int:
@@ -168,6 +172,7 @@ class Reply:
     def __init__(self, id: str, created: int, model: str, prompt_tokens: int, choices: int):
         self.id, self.created, self.model = id, created, model
         self.prompt_tokens, self.choices = prompt_tokens, choices
+        self._text_halves: dict[int, list[str]] = {}
 
     def usage(self, completion_tokens: int) -> Usage:
         return Usage.count(self.prompt_tokens, completion_tokens, current_request().cached_tokens)
@@ -176,6 +181,21 @@ class Reply:
         raise NotImplementedError
 
     def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    def text_chunk(self, index: int, text: str) -> str:
+        """The chunk of a delta that carries text only (most of a stream). Its JSON is rendered once per choice
+        by the wire model, with a placeholder for the text, and each token's chunk is that text's JSON between
+        the two halves: building and dumping two models per token took ~100 of the ~450 µs of event-loop CPU
+        per streamed token on the 2-core CI machine."""
+        halves = self._text_halves.get(index)
+        if halves is None:
+            rendered = self.render_text_chunk(index, TEXT_PLACEHOLDER)
+            halves = self._text_halves[index] = rendered.split(to_json(TEXT_PLACEHOLDER).decode())
+        return halves[0] + to_json(text).decode() + halves[1]
+
+    def render_text_chunk(self, index: int, text: str) -> str:
+        """The chunk of a text-only delta, rendered by the wire model."""
         raise NotImplementedError
 
 

@@ -196,6 +196,21 @@ def test_a_streaming_response_shares_nothing_mutable_with_its_template():
     assert (b"x-llm-target", b"t") in stream.raw_headers and stream.ping_interval > 0
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_text_chunk_from_its_template_is_the_one_the_wire_model_renders(endpoint):
+    """Text deltas are spliced into a chunk rendered once per choice: the result must be byte for byte what
+    the pydantic models give, whatever the text, the model name or the choice index."""
+    from gateway.api.chat import _ChatReply
+    from gateway.api.completions import _CompletionReply
+
+    reply_class = {"completions": _CompletionReply, "chat": _ChatReply}[endpoint]
+    reply = reply_class("id-1", 1700000000, 'a "quoted" model\\name\u2028', prompt_tokens=3, choices=2)
+    texts = ["a", ' "q" \\ \n\t\x00\x1f\x7f', "\u2028\u2029 é 😀 日本", "</script>", "{}", " " * 3]
+    for index in (1, 0, 1):
+        for text in texts:
+            assert reply.text_chunk(index, text) == reply.render_text_chunk(index, text), (index, text)
+
+
 def test_an_sse_stream_pings_while_it_waits_and_ends_when_its_client_leaves():
     from gateway.generation import _EventStream
 

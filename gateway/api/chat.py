@@ -76,8 +76,10 @@ class _ChatReply(Reply):
         completion = 0
         async for index, delta in stream:
             completion += delta.tokens
-            if delta.text or delta.logprobs:
-                logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
+            if delta.text and not delta.logprobs:
+                yield self.text_chunk(index, delta.text)
+            elif delta.logprobs:
+                logprobs = _logprobs(delta.logprobs)
                 yield self._chunk(
                     [ChatChunkChoice(index=index, delta=ChatDelta(content=delta.text), logprobs=logprobs)]
                 )
@@ -85,6 +87,9 @@ class _ChatReply(Reply):
                 yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=delta.finish_reason)])
         if include_usage:
             yield self._chunk([], usage=self.usage(completion))
+
+    def render_text_chunk(self, index: int, text: str) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)

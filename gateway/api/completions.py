@@ -64,7 +64,9 @@ class _CompletionReply(Reply):
         completion = 0
         async for index, delta in stream:
             completion += delta.tokens
-            if delta.text or delta.logprobs or delta.finish_reason:
+            if delta.text and not (delta.logprobs or delta.finish_reason):
+                yield self.text_chunk(index, delta.text)
+            elif delta.text or delta.logprobs or delta.finish_reason:
                 logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
                 choice = CompletionChoice(
                     index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
@@ -72,6 +74,9 @@ class _CompletionReply(Reply):
                 yield self._chunk([choice])
         if include_usage:
             yield self._chunk([], usage=self.usage(completion))
+
+    def render_text_chunk(self, index: int, text: str) -> str:
+        return self._chunk([CompletionChoice(index=index, text=text)])
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         chunk = CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
