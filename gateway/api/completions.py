@@ -66,7 +66,7 @@ class _CompletionReply(Reply):
             completion += delta.tokens
             if delta.text and not (delta.logprobs or delta.finish_reason):
                 yield self.text_chunk(index, delta.text)
-            elif delta.text or delta.logprobs or delta.finish_reason:
+            elif delta.logprobs or delta.finish_reason:
                 logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
                 choice = CompletionChoice(
                     index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
