@@ -173,18 +173,22 @@ class WorkerThread:
 
 async def deltas(sequence, worker: WorkerThread) -> AsyncIterator[Delta]:
     """A sequence's deltas as they arrive; closing early cancels it in the worker."""
+    ended = False  # the worker has let the sequence go: it sent the last delta or an error
     try:
         while True:
             item = await sequence.inbox.get()
+            ended = isinstance(item, BaseException) or bool(item.finish_reason)
             if isinstance(item, ValueError):  # what a worker says of settings it cannot run (a bad grammar)
                 raise UnsupportedFeature(str(item), param="response_format")
             if isinstance(item, BaseException):
                 raise EngineError(f"generation failed: {item}")
             yield item
-            if item.finish_reason:
+            if ended:
                 return
     finally:
-        if not sequence.cancelled:
+        # Only a sequence left unfinished needs the worker: waking it for one that ended cost the event loop a
+        # cross-thread wake-up per request.
+        if not ended and not sequence.cancelled:
             sequence.cancel()
             worker.wake()
 
