@@ -352,8 +352,7 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
             prompt = vocab.tokenize("Write a story about a cat", add_special=True, parse_special=False)
             batch.clear()
-            for position, token in enumerate(prompt):
-                batch.add(token, position, 0, position == len(prompt) - 1)
+            batch.add(prompt, 0, 0, outputs=1)
             picked = []
             for position in range(len(prompt), len(prompt) + 30):
                 assert llama_cpp.llama_decode(ctx, batch.native) == 0
@@ -363,11 +362,10 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
                 assert ours.sample(ctx, index, logits) == expected, (biases and min(biases), position)
                 picked.append(expected)
                 batch.clear()
-                batch.add(expected, position, 0, True)
+                batch.add([expected], position, 0, outputs=1)
             chain.free()
             assert len(set(picked)) > 1  # a continuation, not one token repeated
     finally:
-        batch.free()
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
 

@@ -237,13 +237,9 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         """Mean-pooled, L2-normalised embedding; runs on the scheduler's worker thread."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._embed_ctx), True)
         batch = Batch(len(tokens))
-        try:
-            for position, token in enumerate(tokens):
-                batch.add(token, position, 0, True)
-            if llama_cpp.llama_decode(self._embed_ctx, batch.native) != 0:
-                raise RuntimeError("llama_decode failed while embedding")
-        finally:
-            batch.free()
+        batch.add(tokens, 0, 0, outputs=len(tokens))
+        if llama_cpp.llama_decode(self._embed_ctx, batch.native) != 0:
+            raise RuntimeError("llama_decode failed while embedding")
         pointer = llama_cpp.llama_get_embeddings_seq(self._embed_ctx, 0)
         vector = np.ctypeslib.as_array(pointer, shape=(self._n_embd,)).astype(np.float64)
         norm = np.linalg.norm(vector)

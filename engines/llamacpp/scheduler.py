@@ -85,10 +85,6 @@ class Scheduler(WorkerThread):
         self._enqueue(sequence)
         return sequence
 
-    def stop(self) -> None:
-        super().stop()
-        self._batch.free()
-
     # ---- worker side -----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -170,9 +166,7 @@ class Scheduler(WorkerThread):
                 break
             pending = sequence.tokens[sequence.n_cached : sequence.n_cached + room]
             completes = sequence.n_cached + len(pending) == len(sequence.tokens)
-            for offset, token in enumerate(pending):
-                is_last = completes and offset == len(pending) - 1
-                index = batch.add(token, sequence.n_cached + offset, sequence.slot, is_last)
+            index = batch.add(pending, sequence.n_cached, sequence.slot, outputs=1 if completes else 0)
             if completes:
                 outputs.append((sequence, index))
             chunks.append((sequence, len(pending)))
