@@ -326,6 +326,28 @@ def test_an_idle_worker_waits_for_the_rest_of_a_burst_and_a_busy_one_does_not():
     assert asyncio.run(scenario()) == [0, 2, 1]
 
 
+def test_a_batch_reads_in_llama_cpp_as_its_runs_of_tokens_were_added():
+    """The batch's arrays are numpy's behind a llama_batch of pointers: read through the struct, as llama.cpp
+    reads it, every token has its run's sequence and consecutive positions, and only the asked outputs."""
+    from engines.llamacpp.native import Batch
+
+    batch = Batch(8)
+    for _ in range(2):  # a cleared batch is filled again from the start
+        batch.clear()
+        assert batch.add([11, 12, 13], 40, 2, outputs=0) == 2
+        assert batch.add([21, 22], 7, 5, outputs=1) == 4
+        assert batch.add([31], 90, 0, outputs=1) == 5
+    native = batch.native
+    rows = [
+        (native.token[i], native.pos[i], native.n_seq_id[i], native.seq_id[i][0], native.logits[i])
+        for i in range(native.n_tokens)
+    ]
+    assert rows == [
+        (11, 40, 1, 2, 0), (12, 41, 1, 2, 0), (13, 42, 1, 2, 0), (21, 7, 1, 5, 0), (22, 8, 1, 5, 1), (31, 90, 1, 0, 1),
+    ]
+    assert batch.size == 6 and not native.embd
+
+
 def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
     """Greedy requests skip llama.cpp's sampler chain (it copies every logit into candidates on each call);
     with and without biases, including biases that move the top token, the choice must stay the same."""

@@ -267,8 +267,9 @@ class Batch:
     """A reusable llama_batch over numpy arrays, filled a run of one sequence's tokens at a time.
 
     Filling it a token at a time through the ctypes fields took about 2 µs a token: 1 ms of Python inside
-    every 512-token prefill step on the 2-core CI machine, and on a GPU a tenth of the step. A run is a few
-    slice assignments instead. Each token belongs to one sequence: `seq_id[i]` points at `_seq[i]`."""
+    every 512-token prefill step on the 2-core CI machine. A run is a few slice assignments instead (46 µs for
+    512 tokens); a 16-request burst's first token on an H200 came 2-5 ms sooner (docs/BENCHMARKS.md). Each
+    token belongs to one sequence: `seq_id[i]` points at `_seq[i]`."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
