@@ -273,27 +273,28 @@ class Batch:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.size = 0
         self._token = np.zeros(capacity, dtype=np.int32)
         self._pos = np.zeros(capacity, dtype=np.int32)
         self._seq = np.zeros(capacity, dtype=np.int32)
         self._n_seq_id = np.ones(capacity, dtype=np.int32)
         self._logits = np.zeros(capacity, dtype=np.int8)
-        seq_pointer = ctypes.POINTER(llama_cpp.llama_seq_id)
-        self._seq_ids = (seq_pointer * capacity)(
-            *(ctypes.cast(self._seq.ctypes.data + i * self._seq.itemsize, seq_pointer) for i in range(capacity))
-        )
+        # The addresses of _seq's entries: llama.cpp's array of per-token pointers to sequence ids.
+        self._seq_ids = self._seq.ctypes.data + np.arange(capacity, dtype=np.uintp) * self._seq.itemsize
         self.native = llama_cpp.llama_batch(
             n_tokens=0,
             token=self._token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
             pos=self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
             n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self._seq_ids,
+            seq_id=self._seq_ids.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))),
             logits=self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
 
+    @property
+    def size(self) -> int:
+        return self.native.n_tokens
+
     def clear(self) -> None:
-        self.size = self.native.n_tokens = 0
+        self.native.n_tokens = 0
 
     def add(self, tokens: list[int], first_pos: int, seq_id: int, outputs: int) -> int:
         """Append `tokens` of sequence `seq_id` at positions from `first_pos`; the last `outputs` of them produce
@@ -302,12 +303,12 @@ class Batch:
         if len(tokens) == 1:  # a decoding sequence's token: scalar stores cost a fifth of slice assignments
             self._token[start], self._pos[start] = tokens[0], first_pos
             self._seq[start], self._logits[start] = seq_id, outputs
-            self.size = self.native.n_tokens = end
+            self.native.n_tokens = end
             return start
         self._token[start:end] = tokens
         self._pos[start:end] = np.arange(first_pos, first_pos + len(tokens), dtype=np.int32)
         self._seq[start:end] = seq_id
         self._logits[start:end] = 0
         self._logits[end - outputs : end] = 1
-        self.size = self.native.n_tokens = end
+        self.native.n_tokens = end
         return end - 1
