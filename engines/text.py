@@ -32,6 +32,8 @@ class StopMatcher:
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit now, whether a stop sequence was hit)."""
+        if not self._stops:  # most requests: nothing to look for, once per generated token
+            return text, False
         buffer = self._held + text
         hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
         if hits:

@@ -90,12 +90,11 @@ class Scheduler(WorkerThread):
     def _run(self) -> None:
         while not self._stopping:
             try:
-                self._take_inbox(block=not (self._running or self._waiting))
-                self._drop_cancelled()
+                if self._take_inbox(block=not (self._running or self._waiting)):
+                    self._drop_cancelled()
                 self._admit()
                 if self._running:
-                    with self._busy():
-                        self._step()
+                    self._timed(self._step)
             except Exception as exc:  # never let the worker die silently: fail the sequences in flight
                 log.exception("llama.cpp scheduler step failed")
                 for sequence in list(self._running):

@@ -85,8 +85,7 @@ class Worker(WorkerThread):
             self._admit()
             for sequence in list(self._running):
                 try:
-                    with self._busy():
-                        self._step(sequence)
+                    self._timed(self._step, sequence)
                 except Exception as exc:  # the sequence must hear about it, or its client waits forever
                     log.exception("transformers decode step failed")
                     self._running.remove(sequence)
