@@ -299,7 +299,8 @@ class Batch:
     def add(self, tokens: list[int], first_pos: int, seq_id: int, outputs: int) -> int:
         """Append `tokens` of sequence `seq_id` at positions from `first_pos`; the last `outputs` of them produce
         logits (or embeddings). Returns the batch index of the last token."""
-        start, end = self.size, self.size + len(tokens)
+        start = self.size
+        end = start + len(tokens)
         if len(tokens) == 1:  # a decoding sequence's token: scalar stores cost a fifth of slice assignments
             self._token[start], self._pos[start] = tokens[0], first_pos
             self._seq[start], self._logits[start] = seq_id, outputs
