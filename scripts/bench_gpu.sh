@@ -36,6 +36,8 @@ run_once model "python3 $REPO/scripts/make_random_model.py $CARRY/tokenizer $WOR
 wait_for build || exit $?
 wait_for model || exit $?
 echo "build and model ready after ${SECONDS}s"; ls -la "$BUILD/bin" | head -20
+# The scheduler's C steps, as `pip install -e .` would build them (setup.py); the gateway runs from the tree here.
+${CC:-gcc} -O3 -fopenmp-simd -Wall -shared -fPIC -o "$REPO/engines/llamacpp/_steps.so" "$REPO/engines/llamacpp/steps.c" || exit 1
 cd "$REPO" && python3 scripts/bench_llamacpp.py --model "$MODEL" --llama-server "$BUILD/bin/llama-server" \
   --gpu-layers 99 --threads 8 --ctx 1024 --parallel 16 --reps "${REPS:-3}" --name bench_llamacpp_gpu "$@"
 status=$?

@@ -1,8 +1,9 @@
-"""Where a llama.cpp engine step goes: time in llama_decode against the scheduler's own work, per step.
+"""Where a llama.cpp engine step goes: the scheduler's parts, per step.
 
 Runs the engine in process (no HTTP), streams of `max_tokens` 128 with EOS ignored, greedy, at 1, 8 and 16
-concurrent streams, and prints each timed part's microseconds per step. Timers wrap the scheduler's methods,
-so the figures include their ~1 µs each. Usage:
+concurrent streams, and prints each timed part's microseconds per step (a step: one token for every stream).
+Timers wrap the scheduler's methods, so the figures include their ~1 µs each. `_run_in_c` is the C steps
+(llama_decode, sampling) as one call; what is outside it is Python on the engine's thread. Usage:
     python scripts/profile_llamacpp_steps.py MODEL.gguf [--gpu-layers 99] [--threads 8]
 """
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # scripts/ is on the path already, as the script'
 
 from bench_streams import PROMPT  # noqa: E402
 from engines.base import EngineConfig, SamplingParams  # noqa: E402
-from engines.llamacpp import native, scheduler  # noqa: E402
+from engines.llamacpp import scheduler  # noqa: E402
 from engines.llamacpp.engine import LlamaCppEngine  # noqa: E402
 
 spent: collections.Counter = collections.Counter()
@@ -41,10 +42,7 @@ def timed(holder, name: str, label: str) -> None:
     setattr(holder, name, wrapper)
 
 
-timed(scheduler.llama_cpp, "llama_decode", "decode")
-timed(scheduler, "output_logits", "output_logits")  # on a GPU, where the step is waited for
-timed(native.GreedySampler, "sample", "sampler")
-for method in ("_take_inbox", "_admit", "_step", "_sample", "_flush_outbox"):
+for method in ("_take_inbox", "_admit", "_run_in_c", "_step_in_python", "_collect", "_flush_outbox"):
     timed(scheduler.Scheduler, method, method)
 
 
@@ -70,11 +68,11 @@ async def main(args) -> None:
         calls.clear()
         start = time.perf_counter()
         await asyncio.gather(*tasks)
-        steps = calls["decode"]
+        steps = min(len(a) for a in arrivals) - 1
         wall = max(a[-1] for a in arrivals) - start
         parts = ", ".join(f"{label} {seconds / steps * 1e6:.0f}" for label, seconds in spent.items())
         print(f"{streams} streams, {steps} steps: {wall / steps * 1e6:.0f} µs a step; {parts}; "
-              f"outside llama_decode {(wall - spent['decode']) / steps * 1e6:.0f}", flush=True)  # fmt: skip
+              f"outside C {(wall - spent['_run_in_c']) / steps * 1e6:.0f}", flush=True)  # fmt: skip
     await engine.close()
 
 

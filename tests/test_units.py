@@ -51,7 +51,8 @@ def test_batch_puts_decoding_sequences_in_slot_order_then_prompts_in_arrival_ord
     # llama.cpp keeps one micro-batch only while sequence ids rise by one: slot order is what makes
     # a decode step one pass over the weights instead of one per sequence.
     def sequence(slot: int, prompt: int, cached: int) -> Sequence:
-        return Sequence([1] * prompt, SamplingParams(max_tokens=4), None, asyncio.Queue(), slot=slot, n_cached=cached)
+        params = SamplingParams(max_tokens=4)
+        return Sequence([1] * prompt, params, None, asyncio.Queue(), tag=0, slot=slot, n_cached=cached)
 
     arrivals = [sequence(3, 5, 4), sequence(7, 9, 0), sequence(0, 6, 5), sequence(2, 4, 0), sequence(1, 8, 7)]
     ordered = sorted(arrivals, key=_batch_order)
@@ -348,12 +349,14 @@ def test_a_batch_reads_in_llama_cpp_as_its_runs_of_tokens_were_added():
     assert batch.size == 6 and not native.embd
 
 
-def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
-    """Greedy requests skip llama.cpp's sampler chain (it copies every logit into candidates on each call);
-    with and without biases, including biases that move the top token, the choice must stay the same."""
+def test_greedy_sampling_in_c_picks_what_llama_cpps_chain_picks():
+    """Greedy requests skip llama.cpp's sampler chain (it copies every logit into candidates on each call) for
+    steps.c's argmax; with and without biases, including biases that move the top token, the choice must stay
+    the same, and the logits must be the model's again afterwards (logprobs read them)."""
     import llama_cpp
 
-    from engines.llamacpp.native import Batch, GreedySampler, Vocab, native_sampler, output_logits
+    from engines.llamacpp.native import Batch, Vocab, build_sampling, native_sampler, output_logits
+    from engines.llamacpp.steps import COUNT, Steps
 
     path = PROJECT_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
@@ -361,6 +364,7 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
     params.n_ctx, params.n_threads, params.n_threads_batch = 256, 2, 2
     ctx = llama_cpp.llama_init_from_model(model, params)
     vocab, batch = Vocab(model), Batch(64)
+    steps = Steps(ctx, batch, vocab.eog_ids, vocab.size, slots=1, context_length=256)
     bias_sets = [
         {},
         {token: float("-inf") for token in vocab.eog_ids},
@@ -369,23 +373,26 @@ def test_greedy_sampling_in_numpy_picks_what_llama_cpps_chain_picks():
     ]
     try:
         for biases in bias_sets:
-            chain = native_sampler(vocab, SamplingParams(max_tokens=1, temperature=0, logit_bias=biases), None)
-            ours = GreedySampler(biases)
+            sampling = SamplingParams(max_tokens=1, temperature=0, logit_bias=biases)
+            chain, ours = native_sampler(vocab, sampling, None), build_sampling(vocab, sampling, None)
+            assert ours.chain is None
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
             prompt = vocab.tokenize("Write a story about a cat", add_special=True, parse_special=False)
+            steps.occupy(0, tag=0, tokens=len(prompt), cached=0, left=1000, flags=0, sampling=ours)
             batch.clear()
             batch.add(prompt, 0, 0, outputs=1)
             picked = []
             for position in range(len(prompt), len(prompt) + 30):
                 assert llama_cpp.llama_decode(ctx, batch.native) == 0
-                index = batch.size - 1
-                expected = chain.sample(ctx, index, None)
-                logits = output_logits(ctx, 1, vocab.size)[0]
-                assert ours.sample(ctx, index, logits) == expected, (biases and min(biases), position)
+                logits = output_logits(ctx, 1, vocab.size)[0].copy()
+                expected = llama_cpp.llama_sampler_sample(chain, ctx, batch.size - 1)
+                steps.sample_outputs()
+                assert steps.history[0, steps.columns[0, COUNT] - 1] == expected, (biases and min(biases), position)
+                assert (output_logits(ctx, 1, vocab.size)[0] == logits).all()
                 picked.append(expected)
                 batch.clear()
                 batch.add([expected], position, 0, outputs=1)
-            chain.free()
+            llama_cpp.llama_sampler_free(chain)
             assert len(set(picked)) > 1  # a continuation, not one token repeated
     finally:
         llama_cpp.llama_free(ctx)

@@ -208,8 +208,11 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         scheduler = self._require_ready()
         grammar = await asyncio.to_thread(json_grammar, params.json_schema) if params.json_schema is not None else None
         sequence = scheduler.submit(prompt.token_ids, params, grammar)
-        async for delta in deltas(sequence, scheduler):
-            yield delta
+        try:
+            async for delta in deltas(sequence, scheduler):
+                yield delta
+        finally:
+            scheduler.forget(sequence)
 
     # ---- embeddings ------------------------------------------------------------------------
 

@@ -11,13 +11,14 @@ import ctypes
 import functools
 import json
 import logging
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from engines.base import SamplingParams
+from engines.llamacpp.steps import SlotSampling
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
 _native_log = logging.getLogger("llama-cpp-python")
@@ -64,8 +65,7 @@ class Vocab:
         self.bos = llama_cpp.llama_vocab_bos(self.ptr)
         self.eos = llama_cpp.llama_vocab_eos(self.ptr)
         # Every end-of-generation token, not just EOS and EOT (SmolLM2 has three): `ignore_eos` biases them all
-        # off, as llama-server does. A set, because the scheduler asks once per generated token, and right
-        # after a step a call into llama.cpp there cost 12-18 µs.
+        # off, as llama-server does, and the C steps look each sampled token up in a table made from them.
         self.eog_ids = frozenset(t for t in range(self.size) if llama_cpp.llama_vocab_is_eog(self.ptr, t))
         self._pieces: dict[tuple[int, bool], bytes] = {}  # token pieces never change; writes race harmlessly
 
@@ -96,9 +96,6 @@ class Vocab:
             size = llama_cpp.llama_token_to_piece(self.ptr, token, buffer, len(buffer), 0, special)
         return buffer.raw[:size]
 
-    def is_eog(self, token: int) -> bool:
-        return token in self.eog_ids
-
 
 def model_metadata(model, key: str) -> str | None:
     buffer = ctypes.create_string_buffer(1 << 16)
@@ -117,68 +114,19 @@ def json_grammar(schema: dict) -> str:
     return json_schema_to_gbnf(json.dumps(schema))
 
 
-class Sampler(Protocol):
-    """Picks one sequence's next token after a step; the scheduler frees it when the sequence leaves."""
+def build_sampling(vocab: Vocab, params: SamplingParams, grammar: str | None) -> SlotSampling:
+    """How C picks one sequence's tokens: greedy with its biases, or else llama.cpp's sampler chain.
 
-    def sample(self, ctx, index: int, logits: np.ndarray) -> int:
-        """`index`: the sequence's entry in the step's batch; `logits`: that entry's row (read-only)."""
-
-    def free(self) -> None: ...
-
-
-class ChainSampler:
-    """llama.cpp's native sampler chain for one sequence."""
-
-    def __init__(self, chain):
-        self._chain = chain
-
-    def sample(self, ctx, index: int, logits: np.ndarray) -> int:
-        return llama_cpp.llama_sampler_sample(self._chain, ctx, index)
-
-    def free(self) -> None:
-        llama_cpp.llama_sampler_free(self._chain)
-
-
-class GreedySampler:
-    """Greedy decoding, with logit biases, as an argmax over the logits where llama.cpp left them.
-
-    The native chain first copies all n_vocab logits into a candidate array on every call: 105 µs for
-    SmolLM2's 49,152 (175-209 µs right after a step on the 2-core CI machine), against 11 µs for numpy's
-    argmax. Greedy with biases needs none of that; penalties and grammars keep the chain (they have state)."""
-
-    def __init__(self, biases: dict[int, float]):
-        self._biased = frozenset(biases)
-        ids = sorted(biases)
-        self._bias_ids = np.array(ids, dtype=np.intp)
-        self._bias_values = np.array([biases[t] for t in ids], dtype=np.float32)
-        # With no bias above 0 (ignore_eos is -inf on the end tokens) no biased token can overtake an unbiased top.
-        self._only_lowering = all(bias <= 0 for bias in biases.values())
-
-    def sample(self, ctx, index: int, logits: np.ndarray) -> int:
-        best = int(logits.argmax())
-        if best not in self._biased:
-            if self._only_lowering:
-                return best
-            # Only a token biased upwards can beat the unbiased top; on a tie the lower id wins, as in an argmax.
-            biased = logits[self._bias_ids] + self._bias_values
-            top = int(biased.argmax())
-            rival = int(self._bias_ids[top])
-            if biased[top] > logits[best] or (biased[top] == logits[best] and rival < best):
-                return rival
-            return best
-        ranked = logits.copy()  # the top token itself is biased: rank them all
-        ranked[self._bias_ids] += self._bias_values
-        return int(ranked.argmax())
-
-    def free(self) -> None:
-        pass
-
-
-def build_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> Sampler:
-    """The sampler for one sequence: plain greedy in numpy, anything else by llama.cpp."""
+    The chain copies all n_vocab logits into a candidate array on every call: 105 µs for SmolLM2's 49,152
+    (175-209 µs right after a step on the 2-core CI machine), against 12 µs for steps.c's argmax. Greedy with
+    biases needs none of that; penalties and grammars keep the chain (they have state)."""
     if params.temperature == 0 and grammar is None and not _penalized(params):
-        return GreedySampler(_biases(vocab, params))
-    return native_sampler(vocab, params, grammar)
+        biases = _biases(vocab, params)
+        ids = sorted(biases)
+        return SlotSampling(
+            bias_ids=np.array(ids, dtype=np.int32), bias_values=np.array([biases[t] for t in ids], dtype=np.float32)
+        )
+    return SlotSampling(chain=native_sampler(vocab, params, grammar))
 
 
 def _biases(vocab: Vocab, params: SamplingParams) -> dict[int, float]:
@@ -192,7 +140,7 @@ def _penalized(params: SamplingParams) -> bool:
     return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
 
 
-def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) -> ChainSampler:
+def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
     """llama.cpp's sampler chain, in the order llama-server uses."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
@@ -218,7 +166,7 @@ def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) ->
         add(llama_cpp.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root"))
     if params.temperature == 0:
         add(llama_cpp.llama_sampler_init_greedy())
-        return ChainSampler(chain)
+        return chain
     if params.top_k > 0:
         add(llama_cpp.llama_sampler_init_top_k(params.top_k))
     if params.top_p < 1.0:
@@ -228,7 +176,7 @@ def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None) ->
     add(llama_cpp.llama_sampler_init_temp(params.temperature))
     seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
     add(llama_cpp.llama_sampler_init_dist(seed))
-    return ChainSampler(chain)
+    return chain
 
 
 # llama_get_logits with the address as an int: the binding's float pointer costs a ctypes.cast per call.

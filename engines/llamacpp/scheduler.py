@@ -4,7 +4,9 @@ sequence in one `llama_decode` per step.
 Each step puts one token for every decoding sequence into the batch, then fills what is left of
 `batch_size` with prompt chunks of newly admitted sequences, so a long prompt never stalls running
 streams. Sequences join and leave between steps; a cancelled one frees its slot at the next step.
-The event loop only submits sequences and receives `Delta`s; it never calls into llama.cpp here.
+While every running sequence decodes a token a step, the steps run in C (steps.c) without the GIL.
+Sampled tokens reach the event loop through a ring (steps.py), and the loop turns them into text and
+`Delta`s; it never calls into llama.cpp here.
 
 A finished sequence leaves its KV cache in its slot (prefix reuse): a new prompt goes to the free slot
 that already holds the longest start of it, and only the rest is decoded, so a shared system prompt or
@@ -16,7 +18,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import heapq
+import itertools
 import logging
+import os
+import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,7 +30,24 @@ import llama_cpp
 import numpy as np
 
 from engines.base import Delta, SamplingParams, TokenLogprob
-from engines.llamacpp.native import Batch, Sampler, Vocab, build_sampler, log_softmax, output_logits
+from engines.llamacpp.native import Batch, Vocab, build_sampling, log_softmax, output_logits
+from engines.llamacpp.steps import (
+    COUNT,
+    DECODING,
+    EMIT,
+    FINISHED,
+    FINISHED_EOG,
+    FINISHED_LENGTH,
+    FLAGS,
+    POS,
+    RUN_FINISHED,
+    RUN_INTERRUPTED,
+    RUN_RING_FULL,
+    RUN_TIMED_OUT,
+    STOP_AT_EOG,
+    SlotSampling,
+    Steps,
+)
 from engines.text import StopMatcher
 from engines.worker_thread import WorkerThread
 
@@ -32,6 +55,8 @@ log = logging.getLogger(__name__)
 
 
 MIN_PREFIX_REUSE = 16  # shorter shared starts do not justify leaving the lowest free slot
+RUN_STATUSES = frozenset({RUN_INTERRUPTED, RUN_FINISHED, RUN_RING_FULL, RUN_TIMED_OUT})
+RING_WAIT_S = 0.001  # how long the engine's thread waits for the event loop to read a full ring
 
 
 @dataclass(eq=False)
@@ -40,14 +65,24 @@ class Sequence:
     params: SamplingParams
     grammar: str | None
     inbox: asyncio.Queue
+    tag: int  # names its sampled tokens in the ring
     slot: int = -1
     n_cached: int = 0
     reused: int = 0  # prompt tokens whose KV cache was already in the slot
-    generated: int = 0
-    sampler: Sampler | None = None
+    decoding: bool = False  # its prompt is in the KV cache: one token a step from now on
+    sampling: SlotSampling | None = None
     cancelled: bool = False
+    logprobs: deque = field(default_factory=deque)  # the engine's thread's, for the event loop, token by token
+    # The event loop's: the text so far.
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     stops: StopMatcher | None = None
+    sent: int = 0  # tokens turned into deltas
+    done: bool = False
+
+    @property
+    def native(self) -> bool:
+        """Its tokens go from C straight into the ring; with logprobs, Python adds them first."""
+        return self.params.logprobs is None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -76,20 +111,88 @@ class Scheduler(WorkerThread):
         self._free_slots = list(range(slots))  # a heap: the lowest free slot is used first
         self._reuse_prefixes = reuse_prefixes
         self._slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each free slot's KV cache holds
+        self._steps = Steps(ctx, self._batch, vocab.eog_ids, vocab.size, slots, context_length)
+        self._tags = itertools.count()
+        self._streams: dict[int, Sequence] = {}  # by tag: the sequences the event loop still sends deltas to
+        self._loop.add_reader(self._steps.notify_fd, self._on_notify)
         self._thread.start()
 
     # ---- event-loop side -------------------------------------------------------------------
 
     def submit(self, tokens: list[int], params: SamplingParams, grammar: str | None) -> Sequence:
-        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue())
+        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue(), next(self._tags))
+        sequence.stops = StopMatcher(params.stop)
         self._enqueue(sequence)
+        self._streams[sequence.tag] = sequence
         return sequence
+
+    def forget(self, sequence: Sequence) -> None:
+        """The sequence's stream has ended, however it ended: tokens still in the ring for it are dropped."""
+        self._streams.pop(sequence.tag, None)
+
+    def stop(self) -> None:
+        super().stop()
+        self._loop.call_soon_threadsafe(self._close_ring)
+
+    def _close_ring(self) -> None:
+        self._loop.remove_reader(self._steps.notify_fd)
+        self._steps.close()
+
+    def _post(self, item: Any) -> None:
+        self._steps.interrupt()  # C steps return to look at the inbox
+        super()._post(item)
+
+    def _on_notify(self) -> None:
+        try:
+            os.eventfd_read(self._steps.notify_fd)
+        except BlockingIOError:  # drained already, by a delivery
+            pass
+        self._drain()
+
+    def _deliver(self, items: list) -> None:
+        self._drain()  # a sequence's tokens before an error that follows them
+        super()._deliver(items)
+
+    def _drain(self) -> None:
+        streams = self._streams
+        for tag, token, finish in self._steps.take():
+            sequence = streams.get(tag)
+            if sequence is not None:
+                self._send_token(sequence, token, finish)
+
+    def _send_token(self, sequence: Sequence, token: int, finish_code: int) -> None:
+        """A sampled token becomes the sequence's next delta: its text, held back while it may start a stop
+        sequence, and the finish."""
+        if sequence.done or sequence.cancelled:
+            return
+        end_of_text = finish_code == FINISHED_EOG
+        text = "" if end_of_text else sequence.decoder.decode(self._vocab.piece(token))
+        text, hit_stop = sequence.stops.feed(text)
+        finish = None
+        if end_of_text or hit_stop:
+            finish = "stop"
+        elif finish_code == FINISHED_LENGTH:
+            finish = "length"
+        if finish and not hit_stop:
+            text += sequence.decoder.decode(b"", final=True) + sequence.stops.flush()
+        chosen = [sequence.logprobs.popleft()] if sequence.logprobs else []
+        cached = sequence.reused if sequence.sent == 0 else 0
+        sequence.sent += 1
+        sequence.inbox.put_nowait(Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish,
+                                        cached_tokens=cached))  # fmt: skip
+        if finish:
+            sequence.done = True
+            self.forget(sequence)
+            if not finish_code:  # a stop sequence: the engine's thread would go on with it
+                sequence.cancel()
+                self.wake()
 
     # ---- worker side -----------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping:
             try:
+                self._steps.clear_interrupt()  # before the inbox: whatever comes in later interrupts C steps
                 if self._take_inbox(block=not (self._running or self._waiting)):
                     self._drop_cancelled()
                 self._admit()
@@ -116,12 +219,11 @@ class Scheduler(WorkerThread):
             sequence = self._waiting.popleft()
             self._admitted += 1
             try:
-                sequence.sampler = build_sampler(self._vocab, sequence.params, sequence.grammar)
+                sequence.sampling = build_sampling(self._vocab, sequence.params, sequence.grammar)
             except Exception as exc:  # the sequence must hear about it, or its client waits forever
                 self._send(sequence, exc)
                 continue
             self._place(sequence)
-            sequence.stops = StopMatcher(sequence.params.stop)
             self._running.append(sequence)
 
     def _place(self, sequence: Sequence) -> None:
@@ -135,6 +237,10 @@ class Scheduler(WorkerThread):
             keep = 0
         sequence.slot, sequence.n_cached, sequence.reused = slot, keep, keep
         self._slot_tokens[slot] = []
+        params = sequence.params
+        left = min(params.max_tokens, self._context_length - len(sequence.tokens))
+        flags = (0 if params.ignore_eos else STOP_AT_EOG) | (EMIT if sequence.native else 0)
+        self._steps.occupy(slot, sequence.tag, len(sequence.tokens), keep, left, flags, sequence.sampling)
 
     def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot for a prompt, and how many of its tokens that slot's KV cache holds.
@@ -149,9 +255,25 @@ class Scheduler(WorkerThread):
         return best, shared[best]
 
     def _step(self) -> None:
+        if self._steps.ring_short():
+            time.sleep(RING_WAIT_S)  # the event loop is behind: its unread tokens must not be overwritten
+        elif all(s.decoding and s.native for s in self._running):
+            self._run_in_c()
+        else:
+            self._step_in_python()
+
+    def _run_in_c(self) -> None:
+        """Steps in C until something needs Python: a sequence finished, something came in, or 50 ms passed."""
+        status = self._steps.run()
+        self._collect(self._running)
+        if status not in RUN_STATUSES:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _step_in_python(self) -> None:
+        """One step with prompt chunks in it, or a sequence that wants logprobs."""
         batch = self._batch
         batch.clear()
-        outputs: list[tuple[Sequence, int]] = []
+        outputs: list[Sequence] = []
         # Decoding sequences first (one token each) in slot order, then prompt chunks in arrival order.
         # llama.cpp puts tokens of several sequences into one micro-batch only while their sequence
         # ids rise by one (non-unified KV cache); any other order splits the step into one
@@ -165,43 +287,51 @@ class Scheduler(WorkerThread):
                 break
             pending = sequence.tokens[sequence.n_cached : sequence.n_cached + room]
             completes = sequence.n_cached + len(pending) == len(sequence.tokens)
-            index = batch.add(pending, sequence.n_cached, sequence.slot, outputs=1 if completes else 0)
+            batch.add(pending, sequence.n_cached, sequence.slot, outputs=1 if completes else 0)
             if completes:
-                outputs.append((sequence, index))
+                outputs.append(sequence)
             chunks.append((sequence, len(pending)))
         status = llama_cpp.llama_decode(self._ctx, batch.native)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
+        columns = self._steps.columns
         for sequence, count in chunks:
             sequence.n_cached += count
+            columns[sequence.slot, POS] = sequence.n_cached
         if outputs:
-            rows = output_logits(self._ctx, len(outputs), self._vocab.size)
-            for (sequence, index), logits in zip(outputs, rows):
-                self._sample(sequence, index, logits)
+            self._steps.sample_outputs()
+            self._after_sampling(outputs)
 
-    def _sample(self, sequence: Sequence, index: int, logits: np.ndarray) -> None:
-        params = sequence.params
-        logprobs = log_softmax(logits) if params.logprobs is not None else None
-        token = sequence.sampler.sample(self._ctx, index, logits)
-        sequence.tokens.append(token)
-        sequence.generated += 1
-        end_of_text = self._vocab.is_eog(token) and not params.ignore_eos
-        text = "" if end_of_text else sequence.decoder.decode(self._vocab.piece(token))
-        text, hit_stop = sequence.stops.feed(text)
-        finish = None
-        if end_of_text or hit_stop:
-            finish = "stop"
-        elif sequence.generated >= params.max_tokens or len(sequence.tokens) >= self._context_length:
-            finish = "length"
-        if finish and not hit_stop:
-            text += sequence.decoder.decode(b"", final=True) + sequence.stops.flush()
-        chosen = []
-        if logprobs is not None:
-            chosen = [self._token_logprob(token, logprobs, params.logprobs)]
-        cached = sequence.reused if sequence.generated == 1 else 0
-        self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish, cached_tokens=cached))
-        if finish:
-            self._release(sequence)
+    def _after_sampling(self, outputs: list[Sequence]) -> None:
+        """Sequences that wanted logprobs send their token now, with them; the sampled tokens join each
+        sequence, and the finished leave."""
+        columns = self._steps.columns
+        rows = None
+        for row, sequence in enumerate(outputs):
+            sequence.decoding = True
+            columns[sequence.slot, FLAGS] |= DECODING
+            if not sequence.native:
+                rows = output_logits(self._ctx, len(outputs), self._vocab.size) if rows is None else rows
+                self._send_with_logprobs(sequence, rows[row])
+        self._collect(outputs)
+
+    def _send_with_logprobs(self, sequence: Sequence, logits: np.ndarray) -> None:
+        slot = sequence.slot
+        token = int(self._steps.history[slot, self._steps.columns[slot, COUNT] - 1])
+        sequence.logprobs.append(self._token_logprob(token, log_softmax(logits), sequence.params.logprobs))
+        self._steps.emit(sequence.tag, token, int(self._steps.columns[slot, FINISHED]))
+
+    def _collect(self, sequences: list[Sequence]) -> None:
+        """What C did for these sequences, into Python: their new tokens and KV positions; the finished leave."""
+        columns, history = self._steps.columns, self._steps.history
+        for sequence in list(sequences):
+            slot, known = sequence.slot, len(sequence.tokens)
+            count = int(columns[slot, COUNT])
+            if count > known:
+                sequence.tokens.extend(history[slot, known:count].tolist())
+            sequence.n_cached = int(columns[slot, POS])
+            if columns[slot, FINISHED]:
+                self._release(sequence)
 
     def _token_logprob(self, token: int, logprobs, top: int) -> TokenLogprob:
         alternatives = []
@@ -218,7 +348,8 @@ class Scheduler(WorkerThread):
     def _release(self, sequence: Sequence) -> None:
         """Free the slot; its KV cache stays for a later prompt that starts the same way."""
         self._slot_tokens[sequence.slot] = sequence.tokens[: sequence.n_cached]
-        sequence.sampler.free()
+        sequence.sampling.free()
+        self._steps.vacate(sequence.slot)
         self._running.remove(sequence)
         heapq.heappush(self._free_slots, sequence.slot)
 
