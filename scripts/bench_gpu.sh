@@ -5,8 +5,9 @@
 # Needs, in $CARRY (a folder of the repo named in the device call's carry; 64 MiB at most travel):
 #   llama-src.tar.gz  the llama-cpp-python 0.3.36 sdist, trimmed to what the CUDA build and the GGUF
 #                     converter read (its .git, docs, examples and tests dropped; in vendor/llama.cpp: docs,
-#                     models, media, benches, tests, examples, pocs, the web UI's sources, ggml backends
-#                     other than CPU and CUDA): about 6 MB
+#                     models, media, benches, tests, examples, pocs, the web UI's sources but for
+#                     tools/ui's CMakeLists.txt, sources.cmake, ui.h.in and ui.cpp.in, which the build reads
+#                     even without a UI, ggml backends other than CPU and CUDA): about 6 MB
 #   whl/              wheels (Python 3.12, manylinux x86_64) of the gateway's and llama_cpp.server's
 #                     dependencies that the device image lacks: fastapi, starlette, uvicorn, httptools,
 #                     sse-starlette, pydantic(-core, -settings), python-dotenv, annotated-types,
