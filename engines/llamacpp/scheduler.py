@@ -77,7 +77,6 @@ class Sequence:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     stops: StopMatcher | None = None
     sent: int = 0  # tokens turned into deltas
-    done: bool = False
 
     @property
     def native(self) -> bool:
@@ -145,7 +144,7 @@ class Scheduler(WorkerThread):
     def _on_notify(self) -> None:
         try:
             os.eventfd_read(self._steps.notify_fd)
-        except BlockingIOError:  # drained already, by a delivery
+        except BlockingIOError:  # a wake-up with nothing counted: the ring is read all the same
             pass
         self._drain()
 
@@ -162,9 +161,7 @@ class Scheduler(WorkerThread):
 
     def _send_token(self, sequence: Sequence, token: int, finish_code: int) -> None:
         """A sampled token becomes the sequence's next delta: its text, held back while it may start a stop
-        sequence, and the finish."""
-        if sequence.done or sequence.cancelled:
-            return
+        sequence, and the finish. Only sequences still in `_streams` get here: an ended one is forgotten."""
         end_of_text = finish_code == FINISHED_EOG
         text = "" if end_of_text else sequence.decoder.decode(self._vocab.piece(token))
         text, hit_stop = sequence.stops.feed(text)
@@ -181,7 +178,6 @@ class Scheduler(WorkerThread):
         sequence.inbox.put_nowait(Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish,
                                         cached_tokens=cached))  # fmt: skip
         if finish:
-            sequence.done = True
             self.forget(sequence)
             if not finish_code:  # a stop sequence: the engine's thread would go on with it
                 sequence.cancel()

@@ -134,7 +134,7 @@ class Steps:
         """A sequence takes `slot`: `tokens` in its prompt, `cached` of them already in the KV cache, `left` it may
         generate."""
         self.columns[slot] = (tag, cached, tokens, left, flags, NOT_FINISHED, len(sampling.bias_ids))
-        chain = ctypes.cast(sampling.chain, ctypes.c_void_p).value or 0 if sampling.chain else 0
+        chain = ctypes.cast(sampling.chain, ctypes.c_void_p).value if sampling.chain else 0
         self._pointers[slot, :HISTORY] = (chain, sampling.bias_ids.ctypes.data,
                                           sampling.bias_values.ctypes.data)  # fmt: skip
         self._samplings[slot] = sampling
