@@ -104,6 +104,9 @@ class ManagedModel:
                     await self._prepare()
                 await self._engine.load()
                 self.state, self.loaded_once = "ready", True
+                # Idle from now, not from when the load began: a load longer than the idle timeout (vLLM
+                # compiling on a small CPU) must not be undone by the next sweep.
+                self._last_used = time.monotonic()
             metrics.record_model_event(self.served_name, "load")
             log.info("model %s loaded in %.1fs", self.served_name, time.perf_counter() - started)
         except InsufficientMemory:

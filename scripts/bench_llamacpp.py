@@ -25,6 +25,7 @@ def gateway(args) -> Service:
         "LLM_BATCH_SIZE": str(args.batch_size), "LLM_EMBEDDING": "false", "LLM_LOG_LEVEL": "warning",
         # Prefix reuse only when llama-server gets its prompt cache too: the same prefill work for both.
         "LLM_ENABLE_PREFIX_CACHING": str(args.prompt_cache).lower(),
+        "LLM_UNLOAD_AFTER_SECONDS": "0",  # the peers never unload their model
     }
     service = Service(US, [sys.executable, "-m", "gateway", "serve"], "/health", '"status":"ok"', env=env)
     service.env["LLM_PORT"] = str(service.port)

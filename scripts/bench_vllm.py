@@ -33,6 +33,7 @@ def gateway(args) -> Service:
         "LLM_MAX_MODEL_LEN": str(args.max_model_len), "LLM_CTX": str(args.max_model_len),
         "LLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization), "LLM_EMBEDDING": "false",
         "LLM_EMBEDDING_MODEL": "none", "LLM_LOG_LEVEL": "warning",
+        "LLM_UNLOAD_AFTER_SECONDS": "0",  # vllm serve never unloads; its start-up here outlasts the 300 s default
     }  # fmt: skip
     service = Service(US, [args.python, "-m", "gateway", "serve"], "/health", '"status":"ok"', env=env)
     service.env["LLM_PORT"] = str(service.port)

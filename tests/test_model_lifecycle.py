@@ -189,6 +189,24 @@ def test_idle_unload_prewarm_and_explicit_unload(tmp_path):
         server.stop()
 
 
+def test_the_idle_clock_starts_when_a_load_ends(tmp_path):
+    """A load longer than the idle timeout (here a 6 s download against 4 s) is not undone by the next sweep."""
+    files = FileServer(model_file(), seconds=6.0)
+    env = {"LLM_MODEL_URL": files.url, "LLM_MODELS_DIR": str(tmp_path / "models"), "LLM_UNLOAD_AFTER_SECONDS": "4",
+           **SMALL}  # fmt: skip
+    server = start_server(tmp_path, env, wait_ready=False)
+    try:
+        wait_for(lambda: model_state(server) == "ready", 120, "loaded")
+        loaded = time.monotonic()
+        while time.monotonic() - loaded < 2.5:  # well inside the 4 s, well past a sweep (every second)
+            assert model_state(server) == "ready"
+            time.sleep(0.1)
+        wait_for(lambda: model_state(server) == "unloaded", 30, "unloaded once idle for 4 s")
+    finally:
+        server.stop()
+        files.shutdown()
+
+
 def test_a_model_that_cannot_fit_gets_507(tmp_path):
     server = start_server(tmp_path, {"LLM_MEMORY_BUDGET_MB": "50", **SMALL}, wait_ready=False)
     try:
