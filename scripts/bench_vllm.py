@@ -30,7 +30,7 @@ def gateway(args) -> Service:
     env = {
         **engine_env(args), "LLM_ENGINE": "vllm", "LLM_MODEL": str(args.model), "LLM_SERVED_MODEL_NAME": ALIAS,
         "LLM_PARALLEL": str(args.max_num_seqs), "LLM_MAX_NUM_SEQS": str(args.max_num_seqs),
-        "LLM_MAX_MODEL_LEN": str(args.max_model_len), "LLM_CTX": str(args.max_model_len),
+        "LLM_MAX_MODEL_LEN": str(args.max_model_len), "LLM_CTX": str(args.max_model_len), "LLM_DTYPE": args.dtype,
         "LLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization), "LLM_EMBEDDING": "false",
         "LLM_EMBEDDING_MODEL": "none", "LLM_LOG_LEVEL": "warning",
         "LLM_UNLOAD_AFTER_SECONDS": "0",  # vllm serve never unloads; its start-up here outlasts the 300 s default
@@ -48,6 +48,7 @@ def vllm_serve(args) -> Service:
         "--served-model-name", ALIAS, "--host", "127.0.0.1", "--port", str(service.port),
         "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--generation-config", "vllm",
+        "--dtype", args.dtype,
         "--disable-log-stats",
     ]  # fmt: skip
     return service
@@ -70,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated, from: " + ", ".join(PEERS))
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--dtype", default="auto", help="both servers; float32 on a CPU without AVX-512 BF16")
     parser.add_argument("--kv-cache-gib", type=float, default=1, help="CPU only: KV cache per server")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="GPU only: share per server")
     parser.add_argument("--profile-seconds", type=float, default=0, help="after the repetitions: profile windows")
