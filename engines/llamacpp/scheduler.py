@@ -302,12 +302,11 @@ class Scheduler(WorkerThread):
         """Sequences that wanted logprobs send their token now, with them; the sampled tokens join each
         sequence, and the finished leave."""
         columns = self._steps.columns
-        rows = None
+        rows = None if all(s.native for s in outputs) else output_logits(self._ctx, len(outputs), self._vocab.size)
         for row, sequence in enumerate(outputs):
             sequence.decoding = True
             columns[sequence.slot, FLAGS] |= DECODING
             if not sequence.native:
-                rows = output_logits(self._ctx, len(outputs), self._vocab.size) if rows is None else rows
                 self._send_with_logprobs(sequence, rows[row])
         self._collect(outputs)
 
