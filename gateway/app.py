@@ -16,7 +16,7 @@ from engines.base import EngineConfig
 from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
-from gateway.api.own_body import OwnBodyLane, include_body_schemas
+from gateway.api.own_body import BodyGuard, OwnBodyLane, include_body_schemas
 from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
 from gateway.config import LocalTarget as LocalConfig
 from gateway.config import RemoteTarget as RemoteConfig
@@ -26,6 +26,7 @@ from gateway.lifecycle import ManagedModel, ModelManager
 from gateway.memory import MB, MemoryGovernor
 from gateway.model_registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
 from gateway.observability import RequestIdMiddleware
+from gateway.protocol import apply_limits
 from gateway.routing import ModelRouter
 from gateway.security import ApiKeyMiddleware, KeyRing
 from gateway.settings import Settings
@@ -36,15 +37,17 @@ from gateway.upstream import create_http_client
 class GatewayApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         """Starlette's stack (error pages, exception handlers, routes) inside the gateway's own layers: every
-        request gets an id, a log line and a count, /v1/ paths need a key, and model endpoints their own lane."""
+        request gets an id, a log line and a count, /v1/ paths need a key, bodies must be JSON within the size limit,
+        and model endpoints get their own lane."""
         starlette_stack = super().build_middleware_stack()
-        return RequestIdMiddleware(ApiKeyMiddleware(OwnBodyLane(starlette_stack, self.routes)))
+        return RequestIdMiddleware(ApiKeyMiddleware(BodyGuard(OwnBodyLane(starlette_stack, self.routes))))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = GatewayApp(title="local-llm-gateway", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
+    apply_limits(settings)  # on the request models, which every app in this process shares
     app.state.router = ModelRouter()  # filled at start-up
     app.state.keys = KeyRing([])
     app.state.retry = RetryPolicy()

@@ -45,6 +45,10 @@ def invalid_param(param: str, message: str, code: str | None = None) -> APIError
     return APIError(400, message, param=param, code=code)
 
 
+def request_too_large(message: str) -> APIError:
+    return APIError(413, message, code="request_too_large")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404, f"The model '{model}' does not exist or you do not have access to it.",
@@ -70,6 +74,8 @@ def as_api_error(error: BaseException) -> APIError:
 
 
 def _param_from_location(location: tuple) -> str | None:
+    if "[key]" in location:  # a bad key of a dict: name the dict, not the client's key
+        location = location[: location.index("[key]") - 1]
     parts = [str(p) for p in location if p != "body"]
     # pydantic names union members ("str", "list[...]", "literal[...]", model classes), which mean nothing
     # to a client; the wire format's own names are lower case.
@@ -88,12 +94,15 @@ def _validation_message(error: dict) -> str:
         return "We could not parse the JSON body of your request. It must be valid JSON."
     if error.get("type") == "missing":
         return "Missing required parameter."
+    if error.get("type") == "too_long":
+        return f"At most {error['ctx']['max_length']} items are allowed."
     return error.get("msg", "Invalid value.")
 
 
 def invalid_request(errors: Sequence[dict]) -> APIError:
-    """The 400 for a body that failed validation (pydantic's errors), naming the first bad parameter."""
-    first = errors[0] if errors else {}
+    """The 400 for a body that failed validation (pydantic's errors), naming the first bad parameter; a limit
+    exceeded first, as a union's other forms fail only for not being that form."""
+    first = next((error for error in errors if error.get("type") == "too_long"), errors[0] if errors else {})
     json_broken = first.get("type") == "json_invalid"
     param = None if json_broken else _param_from_location(tuple(first.get("loc", ())))
     message = _validation_message(first)

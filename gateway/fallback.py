@@ -77,7 +77,8 @@ async def _read_body(request: Request, request_type: type[ModelRequest], alarm: 
 
 
 async def _receive_body(receive: Receive) -> bytes:
-    """The request's body, from its ASGI messages. (Starlette's `Request.body` took eight times as long.)"""
+    """The request's body, from its ASGI messages, at most LLM_MAX_BODY_BYTES long (`BodyGuard` has checked its
+    declared length, or counts what arrives). (Starlette's `Request.body` took eight times as long.)"""
     chunks = []
     while True:
         message = await receive()

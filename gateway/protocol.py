@@ -9,15 +9,94 @@ engines read is listed in LOCAL_*. Replies of remote targets are relayed as the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import from_json
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError, model_validator
+from pydantic_core import CoreSchema, from_json
 
 from engines.base import SamplingParams
-from gateway.errors import invalid_param, invalid_request
+from gateway.errors import invalid_param, invalid_request, request_too_large
+from gateway.settings import Settings
+
+# ---- limits ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may hold: the LLM_MAX_* setting of each field's name. All are checked while the body is
+    validated, before any tokenizing, in time linear in the body's size."""
+
+    json_values: int  # in the body, bounded from its commas and brackets before it is parsed
+    messages: int  # messages of a chat request; also the parts or tool calls of one message
+    prompt_chars: int  # text of the messages, prompts or inputs, summed
+    logit_bias: int
+    choices: int  # sequences generated: n, times the prompts of a legacy completion
+    embedding_inputs: int
+    input_tokens: int  # token ids given as a prompt or as inputs, summed
+    stop_chars: int  # of each stop sequence
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(**{field.name: getattr(settings, f"max_{field.name}") for field in dataclasses.fields(cls)})
+
+
+LIMITS = Limits.from_settings(Settings.model_construct())  # the defaults, until `apply_limits`
+
+
+@dataclasses.dataclass(frozen=True)
+class Capped:
+    """A field bounded by LIMITS.<limit>, compiled into its schema: a list or dict at most that long (`bound`
+    max_length), an int at most that large (`bound` le). Lists and dicts stop at the first item past the limit
+    or the first bad item, so a huge or broken one costs no more to refuse than a short one."""
+
+    limit: str
+    bound: Literal["max_length", "le"] = "max_length"
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = handler(source)
+        fail_fast = {"fail_fast": True} if schema["type"] in ("list", "dict") else {}
+        return {**schema, **fail_fast, self.bound: getattr(LIMITS, self.limit)}
+
+
+def at_most(items: int) -> Any:
+    """A fixed bound on a list or dict (OpenAI's own), which stops at the first item past it or the first bad one."""
+    return Field(max_length=items, fail_fast=True)
+
+
+def apply_limits(settings: Settings) -> None:
+    """Validate every request against the limits `settings` name, from now on (called once, at start-up)."""
+    global LIMITS
+    LIMITS = Limits.from_settings(settings)
+    for model in _LIMITED_MODELS:  # inner models first: the outer ones build on their schemas
+        model.model_rebuild(force=True)
+
+
+def _check_values(body: bytes) -> None:
+    """413 for a body with more JSON values than the limit: their number, not the bytes, sets the parse time,
+    whatever fields they sit in. Each value but the first in an array or object follows a comma (an upper bound:
+    commas and brackets inside strings count too)."""
+    values = body.count(b",") + body.count(b"{") + body.count(b"[") + 1
+    if values > LIMITS.json_values:
+        raise request_too_large(f"The request body holds up to {values} JSON values; at most {LIMITS.json_values} "
+                                "are allowed.")  # fmt: skip
+
+
+def _check_size(items: list[str] | list[list[int]], param: str) -> None:
+    """400 when a request's prompts or inputs hold more text, or more token ids, than the limits allow."""
+    size = sum(map(len, items))
+    if items and isinstance(items[0], str):
+        _check_chars(size, param)
+    elif size > LIMITS.input_tokens:
+        raise invalid_param(param, f"'{param}' holds {size} token ids; at most {LIMITS.input_tokens} are allowed.")
+
+
+def _check_chars(chars: int, param: str) -> None:
+    if chars > LIMITS.prompt_chars:
+        raise invalid_param(param, f"'{param}' holds {chars} characters; at most {LIMITS.prompt_chars} are allowed.")
+
 
 # ---- shared ------------------------------------------------------------------------------------
 
@@ -73,6 +152,7 @@ def now() -> int:
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class ModelRequest(Request):
@@ -89,12 +169,25 @@ class ModelRequest(Request):
     @classmethod
     def parse(cls, body: bytes) -> Self:
         """A JSON request body, validated (a 400 naming the first bad parameter if it is not valid)."""
+        # A body holds fewer JSON values than bytes, and no more characters of text or token ids either: each
+        # count below is taken only where the body is long enough to pass its limit.
+        if len(body) > LIMITS.json_values:
+            _check_values(body)
         try:
             request = cls.model_validate_json(body)
         except ValidationError as error:
             raise invalid_request(error.errors()) from None
+        if len(body) > min(LIMITS.prompt_chars, LIMITS.input_tokens):
+            request.check_size()
         object.__setattr__(request, "_sent", body)  # past pydantic's __setattr__, which checks for fields
         return request
+
+    def check_size(self) -> None:
+        """400 when the request's text or token ids pass their limits."""
+
+    def size(self) -> int:
+        """The body's length in bytes, as the client sent it."""
+        return len(self._sent)
 
     def as_sent(self) -> dict[str, Any]:
         """The body as the client sent it, less the gateway's own `timeout`: what a remote provider gets.
@@ -114,12 +207,13 @@ class SamplingFields(ModelRequest):
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature | None = None
     top_p: Probability | None = None
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    n: Annotated[int, Field(ge=1), Capped("choices", "le")] = 1
+    stop: str | Annotated[list[str], at_most(4)] | None = None
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # Token ids (JSON keys are strings) to biases; checked here, as a remote provider would check them.
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]], Capped("logit_bias")] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -131,8 +225,8 @@ class SamplingFields(ModelRequest):
 
     @model_validator(mode="after")
     def _check_stop(self):
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise invalid_param("stop", "At most 4 stop sequences are allowed.")
+        if self.stop is not None and any(len(stop) > LIMITS.stop_chars for stop in self.stop_list()):
+            raise invalid_param("stop", f"A stop sequence may be at most {LIMITS.stop_chars} characters long.")
         return self
 
     def wants_usage(self) -> bool:
@@ -155,7 +249,7 @@ class SamplingFields(ModelRequest):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            logit_bias=dict(self.logit_bias or {}),
             logprobs=logprobs,
             json_schema=json_schema,
             ignore_eos=self.ignore_eos,
@@ -168,6 +262,8 @@ class SamplingFields(ModelRequest):
 # fields. The rest of OpenAI's chat format below is for remote targets (`unsupported_locally`).
 LOCAL_ROLES = ("system", "developer", "user", "assistant")
 LOCAL_CONTENT_PARTS = ("text",)
+MAX_TOOLS = 128  # OpenAI's limit on tools (and functions) in a request
+MAX_METADATA = 16  # OpenAI's limit on metadata pairs
 REMOTE_ONLY_MESSAGE_FIELDS = ("tool_calls", "function_call", "refusal", "audio")
 REMOTE_ONLY_CHAT_FIELDS = (
     "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "modalities",
@@ -235,9 +331,9 @@ class AssistantAudio(Request):
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Capped("messages")] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], Capped("messages")] | None = None
     function_call: FunctionCall | None = None  # deprecated for tool_calls
     refusal: str | None = None
     audio: AssistantAudio | None = None
@@ -290,7 +386,7 @@ class ToolName(Request):
 
 class AllowedTools(Request):
     mode: Literal["auto", "required"]
-    tools: list[dict[str, Any]]
+    tools: Annotated[list[dict[str, Any]], at_most(MAX_TOOLS)]
 
 
 class NamedToolChoice(Tagged):
@@ -301,13 +397,13 @@ class NamedToolChoice(Tagged):
 
 
 class AudioOutput(Request):
-    voice: str | dict[str, str]
+    voice: str | Annotated[dict[str, str], at_most(MAX_METADATA)]
     format: Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
 
 
 class Prediction(Tagged):
     type: Literal["content"]
-    content: str | list[ContentPart]
+    content: str | Annotated[list[ContentPart], Capped("messages")]
 
 
 class WebSearchOptions(Request):
@@ -343,26 +439,26 @@ class ResponseFormat(Request):
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")  # unknown fields are checked in _reject_unknown
 
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Capped("messages")]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     # For remote targets only (REMOTE_ONLY_CHAT_FIELDS).
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], at_most(MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[FunctionDefinition] | None = None  # deprecated for tools
+    functions: Annotated[list[FunctionDefinition], at_most(MAX_TOOLS)] | None = None  # deprecated for tools
     function_call: Literal["none", "auto"] | ToolName | None = None  # deprecated for tool_choice
     audio: AudioOutput | None = None
-    modalities: list[Literal["text", "audio"]] | None = None
+    modalities: Annotated[list[Literal["text", "audio"]], at_most(2)] | None = None
     prediction: Prediction | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     web_search_options: WebSearchOptions | None = None
     # Accepted and ignored locally, as they only matter to a provider's own storage, caching and billing.
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[str, str], at_most(MAX_METADATA)] | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
@@ -373,6 +469,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true.")
         return self
+
+    def check_size(self) -> None:
+        _check_chars(sum(len(message.text()) for message in self.messages), "messages")
 
     def unsupported_locally(self) -> str | None:
         for name in REMOTE_ONLY_CHAT_FIELDS:
@@ -449,7 +548,9 @@ class ChatCompletionChunk(BaseModel):
 
 # ---- legacy completions -------------------------------------------------------------------------
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+# As many prompts as sequences may be generated; token ids up to the limit on them.
+TokenIds = Annotated[list[int], Capped("input_tokens")]
+PromptInput = str | Annotated[list[str], Capped("choices")] | TokenIds | Annotated[list[TokenIds], Capped("choices")]
 
 
 class CompletionRequest(SamplingFields):
@@ -469,7 +570,14 @@ class CompletionRequest(SamplingFields):
         # per 100,000 characters.
         if self.prompt == [] or (isinstance(self.prompt, list) and any(p == [] for p in self.prompt)):
             raise invalid_param("prompt", "The prompt must not be empty.")
+        sequences = len(self.prompts()) * self.n
+        if sequences > LIMITS.choices:
+            raise invalid_param("n", f"{sequences // self.n} prompts times n={self.n} ask for {sequences} sequences; "
+                                f"at most {LIMITS.choices} are allowed.")  # fmt: skip
         return self
+
+    def check_size(self) -> None:
+        _check_size(self.prompts(), "prompt")
 
     def unsupported_locally(self) -> str | None:
         if self.suffix is not None:
@@ -515,7 +623,12 @@ class CompletionResponse(BaseModel):
 
 
 class EmbeddingRequest(ModelRequest):
-    input: str | list[str] | list[int] | list[list[int]]
+    input: (
+        str
+        | Annotated[list[str], Capped("embedding_inputs")]
+        | TokenIds
+        | Annotated[list[TokenIds], Capped("embedding_inputs")]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -526,6 +639,9 @@ class EmbeddingRequest(ModelRequest):
         if not items or any(len(item) == 0 for item in items if not isinstance(item, int)):
             raise invalid_param("input", "Input must be a non-empty string or a list of non-empty items.")
         return self
+
+    def check_size(self) -> None:
+        _check_size(self.inputs(), "input")
 
     def inputs(self) -> list[str] | list[list[int]]:
         data = self.input
@@ -576,6 +692,9 @@ class ModelState(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+_LIMITED_MODELS = (ChatMessage, Prediction, SamplingFields, ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
 
 
 def _reject_extra_fields(request: BaseModel) -> None:

@@ -27,6 +27,28 @@ class Settings(BaseSettings):
     parallel: int = Field(4, ge=1, description="sequences decoded together (batching slots)")
     batch_size: int = Field(512, ge=1, description="tokens per decode step (prompt chunking)")
     max_queue: int = Field(256, ge=0, description="requests that may wait for a slot before 503")
+    # What one request may hold (400 naming the parameter past a limit; 413 for the body as a whole).
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, description="bytes of a request body before 413 (room for base64 images sent to providers)"
+    )
+    max_json_values: int = Field(
+        500_000, ge=16, description="JSON values in a request body before 413, by its commas and brackets (parse time)"
+    )
+    max_messages: int = Field(
+        2048, ge=1, description="messages in a chat request; also content parts or tool calls in one message"
+    )
+    max_prompt_chars: int = Field(
+        2_000_000, ge=1, description="characters of text in a request's messages, prompts or embedding inputs"
+    )
+    max_logit_bias: int = Field(300, ge=0, description="logit_bias entries in a request (OpenAI's limit)")
+    max_choices: int = Field(
+        128, ge=1, description="sequences one request generates: n, times the prompts of a /v1/completions request"
+    )
+    max_embedding_inputs: int = Field(2048, ge=1, description="inputs of one /v1/embeddings request (OpenAI's limit)")
+    max_input_tokens: int = Field(
+        300_000, ge=1, description="token ids in a request's prompts or embedding inputs (OpenAI's embeddings limit)"
+    )
+    max_stop_chars: int = Field(1000, ge=1, description="characters of each stop sequence")
     embedding: bool = Field(True, description="serve /v1/embeddings from the chat model")
     config: Path | None = Field(None, description="YAML file of targets, model names, retries and keys (see README)")
     fallback_base_url: str | None = Field(None, description="without a config file: an OpenAI-compatible fallback")
