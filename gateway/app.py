@@ -31,7 +31,7 @@ from gateway.routing import ModelRouter
 from gateway.security import ApiKeyMiddleware, KeyRing
 from gateway.settings import Settings
 from gateway.targets import Breaker, LocalTarget, RemoteTarget
-from gateway.upstream import create_http_client
+from gateway.upstream import Limits, create_http_client
 
 
 class GatewayApp(FastAPI):
@@ -155,7 +155,8 @@ async def _lifespan(app: FastAPI):
     app.state.retry = config.retry
     app.state.keys = KeyRing(config.api_keys + env_api_keys(settings))
     needs_http = any(isinstance(t, RemoteConfig) for t in config.targets.values())
-    http = create_http_client(settings.http_client) if needs_http else None
+    limits = Limits(settings.upstream_max_body_bytes, settings.upstream_max_line_bytes)
+    http = create_http_client(settings.http_client, limits) if needs_http else None
     manager = ModelManager(
         memory_governor(settings), settings.unload_after_seconds, settings.load_wait_seconds, settings.stall_after
     )

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key from LLM_API_KEYS")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key from LLM_API_KEYS")
     http_client: str = Field("http1", description="upstream HTTP client: http1 | aiohttp | httpx")
+    upstream_max_body_bytes: int = Field(
+        32 << 20, ge=1024, description="bytes of a provider's answer read whole (a body, not a stream) before 502"
+    )
+    upstream_max_line_bytes: int = Field(
+        1 << 20, ge=1024, description="bytes of one line of a provider's stream (an SSE event) before 502"
+    )
     unload_after_seconds: float = Field(300, ge=0, description="unload a model idle this long (0: never)")
     memory_budget_mb: int | None = Field(None, ge=1, description="RAM for models without CUDA (default: 80 percent)")
     load_wait_seconds: float = Field(60, ge=0, description="how long a request waits for its model to load before 503")

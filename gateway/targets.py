@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from gateway.protocol import ModelRequest
 from gateway.tally import StreamTally, record_body_usage
 from gateway.upstream import HttpClient, UpstreamResponse, UpstreamUnavailable
 
+log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
@@ -215,8 +217,12 @@ class RemoteTarget:
 
     def _unreachable(self, error: UpstreamUnavailable) -> TargetFailure:
         status = 504 if error.timed_out else 502
-        api_error = APIError(status, f"target {self.name!r}: {error}", type="server_error", code="upstream_unavailable")
-        return TargetFailure(api_error, retry_here=True, unhealthy=True)
+        # The provider's address goes to the log only: clients learn the target's name, not where it is.
+        log.warning("target %s at %s: %s", self.name, self.base_url, error)
+        api_error = APIError(status, f"target {self.name!r} {error}", type="server_error", code="upstream_unavailable")
+        # Never sent to the same provider again once it may have reached it (POST is not idempotent); the next
+        # target in the chain may still serve it.
+        return TargetFailure(api_error, retry_here=not error.sent, unhealthy=True)
 
     def health(self) -> dict:
         return {"type": self.kind, "base_url": self.base_url, **self.breaker.health()}

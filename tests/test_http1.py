@@ -1,6 +1,7 @@
 """The relay's HTTP/1.1 client (gateway/http1.py, through its seam in gateway/upstream.py) against raw TCP
 servers started here, for what a well-behaved upstream (tests/upstream.py) never does: drop a pooled
-connection, answer HTTP/1.0 style, split a line or a character across packets, stall, send a large body."""
+connection, answer HTTP/1.0 style, split a line or a character across packets, stall, send a large body,
+send interim responses or bytes after a response, answer before the request is written, send an endless head."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import trustme
 import uvloop
 
-from gateway.upstream import Http1Client, UpstreamUnavailable
+from gateway.upstream import Http1Client, Limits, UpstreamUnavailable
 
 BODY = b'{"model": "m"}'
 HEADERS = {"Content-Type": "application/json"}
@@ -52,9 +53,8 @@ async def _post(client: Http1Client, url: str, read_timeout: float = 5.0) -> tup
         return response.status, await response.read()
 
 
-def test_a_pooled_connection_the_server_dropped_is_replaced(run):
-    """The server closes a kept-alive connection as the next request arrives on it: that request goes out
-    again on a new connection, unseen by the caller."""
+def test_a_pooled_connection_the_server_closed_is_replaced(run):
+    """The server closes a kept-alive connection while it is idle: the next request goes out on a new one."""
     connections = []
 
     async def handler(reader, writer):
@@ -62,15 +62,49 @@ def test_a_pooled_connection_the_server_dropped_is_replaced(run):
         await _read_request(reader)
         writer.write(_ok(b'{"n": %d}' % len(connections)))
         await writer.drain()
-        if len(connections) == 1:
-            await _read_request(reader)  # the second request, on the same connection: dropped unanswered
         writer.close()
 
     async def main():
         async with _connected(handler) as (client, url):
             assert await _post(client, url) == (200, b'{"n": 1}')
+            await asyncio.sleep(0.1)  # idle, as the close arrives
             assert await _post(client, url) == (200, b'{"n": 2}')
         assert len(connections) == 2
+
+    run(main())
+
+
+def test_a_request_dropped_unanswered_on_a_pooled_connection_is_not_sent_again(run):
+    """The server reads the second request on a kept-alive connection and closes it without a word: the
+    request may have been processed, so it fails (502) rather than go out again on a new connection."""
+    requests = []
+
+    async def handler(reader, writer):
+        requests.append(await _read_request(reader))
+        writer.write(_ok(b'{"n": 1}'))
+        await writer.drain()
+        requests.append(await _read_request(reader))
+        writer.close()
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            assert await _post(client, url) == (200, b'{"n": 1}')
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await _post(client, url)
+        assert raised.value.sent and len(requests) == 2
+
+    run(main())
+
+
+def test_a_connection_that_cannot_be_made_says_nothing_was_sent(run):
+    async def main():
+        async with _connected(_answer_every_request) as (_, url):
+            pass  # the server closes here: nothing listens at its URL any more
+        client = Http1Client()
+        with pytest.raises(UpstreamUnavailable) as raised:
+            await _post(client, url)
+        await client.close()
+        assert not raised.value.sent
 
     run(main())
 
@@ -170,20 +204,8 @@ def test_a_stalled_server_times_out(run):
         async with _connected(handler) as (client, url):
             with pytest.raises(UpstreamUnavailable) as raised:
                 await _post(client, url, read_timeout=0.3)
-        assert raised.value.timed_out
+        assert raised.value.timed_out and raised.value.sent  # it may be working on it: not to be sent again
         assert asyncio.get_running_loop().time() - started < 3
-
-    run(main())
-
-
-def test_nobody_listening_is_unavailable(run):
-    async def main():
-        async with _connected(_answer_every_request) as (_, url):
-            pass  # the server closes here: nothing listens at its URL any more
-        client = Http1Client()
-        with pytest.raises(UpstreamUnavailable):
-            await _post(client, url)
-        await client.close()
 
     run(main())
 
@@ -228,5 +250,153 @@ def test_https_refuses_a_certificate_for_another_name(tls_server_context, run):
         async with _connected(_answer_every_request, tls_server_context, host="127.0.0.1") as (client, url):
             with pytest.raises(UpstreamUnavailable):
                 await _post(client, url)
+
+    run(main())
+
+
+# ---- message boundaries: one request's answer is never another's -------------------------------------------
+
+
+def _counting(answer_for):
+    """A handler that answers the n-th request (from 1, across connections) with `answer_for(n)`, and the
+    list of its connections."""
+    connections, requests = [], []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                requests.append(await _read_request(reader))
+                for part in answer_for(len(requests)):
+                    writer.write(part)
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+        writer.close()
+
+    return handler, connections
+
+
+@pytest.mark.parametrize("packets", ["apart", "together"])
+def test_interim_responses_are_skipped(run, packets):
+    """100 Continue and 103 Early Hints come before the answer, in packets of their own or with it; the
+    connection carries the next request's answer to the next request."""
+    interim = [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"]
+
+    def answer_for(n):
+        parts = [*interim, _ok(b'{"n": %d}' % n, b"X-Final: yes\r\n")]
+        return parts if packets == "apart" else [b"".join(parts)]
+
+    handler, connections = _counting(answer_for)
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            for n in (1, 2, 3):
+                async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 5.0) as response:
+                    assert (response.status, await response.read()) == (200, b'{"n": %d}' % n)
+                    assert response.headers["x-final"] == "yes" and "link" not in response.headers
+        assert len(connections) == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("when", ["same-packet", "later"])
+def test_bytes_after_a_response_close_its_connection(run, when):
+    """Whatever follows a complete response, with it or after it, is never read as the next answer."""
+
+    def answer_for(n):
+        answer, extra = _ok(b'{"n": %d}' % n), _ok(b'{"smuggled": true}')
+        return [answer + extra] if when == "same-packet" else [answer, extra]
+
+    handler, connections = _counting(answer_for)
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            assert await _post(client, url) == (200, b'{"n": 1}')
+            await asyncio.sleep(0.1)
+            assert await _post(client, url) == (200, b'{"n": 2}')
+        assert len(connections) == 2
+
+    run(main())
+
+
+def test_a_response_before_the_request_was_written_closes_its_connection(run):
+    """The server answers without reading a large request body: that connection is not at a boundary."""
+    body = b"x" * (32 << 20)
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_ok(b'{"early": true}'))
+        await writer.drain()
+        await asyncio.sleep(5)  # a request queued behind the unsent body would wait this long for nothing
+        writer.close()
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            async with client.post(url + "/v1/chat/completions", body, HEADERS, 2.0, 10.0) as response:
+                assert await response.read() == b'{"early": true}'
+            started = asyncio.get_running_loop().time()
+            async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 10.0) as response:
+                assert await response.read() == b'{"early": true}'
+            assert asyncio.get_running_loop().time() - started < 2.5  # sent at once, on a new connection
+        assert len(connections) == 2
+
+    run(main())
+
+
+def test_a_response_left_unread_closes_its_connection(run):
+    """The reader leaves before the body has ended: the rest of it must not meet the next request."""
+
+    def answer_for(n):
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return [head + b'7\r\n{"n": %d\r\n' % n, b"1\r\n}\r\n0\r\n\r\n"]
+
+    handler, connections = _counting(answer_for)
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 5.0) as response:
+                assert response.status == 200  # and gone, the body unread
+            assert await _post(client, url) == (200, b'{"n": 2}')
+        assert len(connections) == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("head", "refusal"),
+    [
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", "101"),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (256 * 1024), "head"),  # a header without end
+        (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 1000 + b"Content-Length: 0\r\n\r\n", "headers"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 10000, "head"),  # interim responses without end
+    ],
+    ids=["switching-protocols", "huge-header", "many-headers", "endless-interim"],
+)
+def test_a_response_head_is_refused(run, head, refusal):
+    """A 101 (no other protocol is spoken here), a head past MAX_HEAD_BYTES, or past MAX_HEADERS fields."""
+    handler, _ = _counting(lambda n: [head])
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            with pytest.raises(UpstreamUnavailable, match=refusal):
+                await _post(client, url)
+
+    run(main())
+
+
+def test_lines_are_bounded(run):
+    handler, _ = _counting(lambda n: [_ok(b"data: " + b"x" * 5000 + b"\n\n")])
+
+    async def main():
+        async with _connected(handler) as (_, url):
+            client = Http1Client(Limits(line_bytes=4096))
+            try:
+                with pytest.raises(UpstreamUnavailable, match="line"):
+                    async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 5.0) as response:
+                        [line async for line in response.lines()]
+            finally:
+                await client.close()
 
     run(main())

@@ -12,6 +12,7 @@ it runs (PUT /control/<name>). Modes:
   cut3     streams 3 chunks, then drops the connection
   fail2    500 for the first 2 requests, then ok
 GET /control/<name> says how many requests <name> received; `received[name]` holds the last body.
+`RawUpstream` writes raw HTTP/1.1 for what uvicorn never sends (tests/test_hardening_upstream.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import collections
 import json
 import threading
 import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -142,3 +145,98 @@ async def _stream(name: str, mode: str, body: dict):
     if (body.get("stream_options") or {}).get("include_usage") and mode != "nousage":
         yield _chunk(name, {}, usage=STREAM_USAGE)
     yield "data: [DONE]\n\n"
+
+
+class RawUpstream:
+    """A raw HTTP/1.1 server on loopback, on its own thread and event loop, for answers no framework sends
+    (interim responses, bytes after a response, a body without end, a dropped request). Each mode listens on
+    its own port (so no pool shares a connection between two), at `http://127.0.0.1:PORT/<name>/v1`;
+    `modes[name](request, writer)` answers each request and says whether the connection reads on.
+    `requests` and `connections` count what each name received."""
+
+    def __init__(self, modes: dict[str, Callable[[RawRequest, asyncio.StreamWriter], Awaitable[bool]]]):
+        self.modes = modes
+        self.requests: collections.Counter = collections.Counter()
+        self.connections: collections.Counter = collections.Counter()
+        self._ports: dict[str, int] = {}
+        self._servers: list[asyncio.Server] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def base_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self._ports[name]}/{name}/v1"
+
+    def start(self) -> "RawUpstream":
+        self._thread.start()
+        for name in self.modes:
+            serving = asyncio.start_server(self._serve, "127.0.0.1", 0)
+            server = asyncio.run_coroutine_threadsafe(serving, self._loop).result(timeout=10)
+            self._servers.append(server)
+            self._ports[name] = server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _shut(self) -> None:
+        for server in self._servers:
+            server.close()
+        serving = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = 0
+        try:
+            while request := await RawRequest.read(reader, index):
+                self.requests[request.name] += 1
+                self.connections[request.name] += index == 0
+                index += 1
+                if not await self.modes[request.name](request, writer):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client dropped the connection: what some modes are for
+        finally:
+            writer.close()
+
+
+@dataclass
+class RawRequest:
+    head: bytes
+    body: bytes
+    index: int  # of the requests on its connection, from 0
+
+    @property
+    def name(self) -> str:
+        return self.head.split(b" ", 2)[1].decode().split("/")[1]
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        for line in self.head.decode("latin-1").split("\r\n")[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() == name.lower():
+                return value.strip()
+        return None
+
+    @classmethod
+    async def read(cls, reader: asyncio.StreamReader, index: int) -> "RawRequest | None":
+        """The next request on the connection, None when the client closed it between requests."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        request = cls(head, b"", index)
+        request.body = await reader.readexactly(int(request.header("content-length") or 0))
+        return request
+
+
+def raw_completion(content: str) -> bytes:
+    """A whole HTTP/1.1 200 response carrying an OpenAI chat completion whose message is `content`."""
+    body = json.dumps(_completion("raw", None) | {"choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
