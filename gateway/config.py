@@ -101,6 +101,7 @@ class ApiKey(Strict):
     name: str | None = None  # what logs and /health call it, never the key itself
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    admin: bool = Field(False, description="may also load and unload models and see target URLs in /health")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -173,9 +174,15 @@ def simple_config(settings: Settings, served_name: str, embedding_model: str | N
 
 
 def env_api_keys(settings: Settings) -> list[ApiKey]:
-    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
-    return [
+    """LLM_API_KEYS (with the LLM_RATE_LIMIT_* limits) and LLM_ADMIN_KEYS (admin keys, without limits)."""
+    clients = [
         ApiKey(key=k, name=f"env-{i}", requests_per_minute=settings.rate_limit_rpm,
                tokens_per_minute=settings.rate_limit_tpm)
-        for i, k in enumerate(keys)
+        for i, k in enumerate(_listed(settings.api_keys))
     ]  # fmt: skip
+    admins = [ApiKey(key=k, name=f"env-admin-{i}", admin=True) for i, k in enumerate(_listed(settings.admin_keys))]
+    return clients + admins
+
+
+def _listed(keys: str | None) -> list[str]:
+    return [k.strip() for k in (keys or "").split(",") if k.strip()]

@@ -20,6 +20,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+FALLBACK_NAME = "model.gguf"  # for a URL whose path names no file
 
 
 class DownloadError(Exception):
@@ -37,7 +38,11 @@ class ModelDownload:
     @classmethod
     def into(cls, models_dir: Path, url: str, **options) -> "ModelDownload":
         url = hub_url(url)
-        return cls(url=url, target=models_dir / unquote(Path(urlparse(url).path).name), **options)
+        target = models_dir / file_name(url)
+        # The name is one plain component already; resolving also refuses one that is a link out of the folder.
+        if not target.resolve().is_relative_to(models_dir.resolve()):
+            raise DownloadError(f"{url} names a file outside {models_dir}")
+        return cls(url=url, target=target, **options)
 
     def ensure(self) -> Path:
         """The verified local file, downloading it if needed (blocking: call it in a thread)."""
@@ -91,6 +96,14 @@ class ModelDownload:
             raise DownloadError(f"checksum mismatch for {self.url}: sha256 {digest.hexdigest()}, expected {expected}")
         partial.replace(self.target)  # atomic: a partial file never looks complete
         log.info("downloaded %s (%d bytes)", self.target, done)
+
+
+def file_name(url: str) -> str:
+    """The URL's last path component, decoded, as a plain file name: an encoded separator (%2F, %5C) cannot
+    reach another folder, nor can `..`, a NUL or a leading dot make it a special or hidden name."""
+    decoded = unquote(urlparse(url).path).replace("\\", "/").replace("\0", "")
+    name = decoded.rsplit("/", 1)[-1].strip().lstrip(".")
+    return name or FALLBACK_NAME
 
 
 def hub_url(url: str) -> str:

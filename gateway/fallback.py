@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -28,7 +27,8 @@ from gateway.generation import CLIENT_CLOSED_REQUEST, sse_response, until_discon
 from gateway.observability import RequestRecord, current_request
 from gateway.protocol import ModelRequest
 from gateway.routing import Route, Target
-from gateway.targets import CapabilityMismatch, Outcome, TargetFailure
+from gateway.security import reservation
+from gateway.targets import CapabilityMismatch, Outcome, RemoteTarget, TargetFailure
 
 log = logging.getLogger(__name__)
 TARGET_HEADER = "x-llm-target"
@@ -53,17 +53,17 @@ async def dispatch(request: Request, endpoint: str, request_type: type[ModelRequ
         deadline = Deadline(started + seconds, seconds)
         route = state.router.resolve(body.model)
         record.model = body.model  # once known: metrics take no label values from unknown names
+        if record.limits is not None:  # 429 unless the key's tokens per minute leave room; settled as it ends
+            record.reserved = record.limits.reserve(reservation(body, state.settings.ctx))
         chain = _Chain(route, endpoint, body, deadline.at, state.retry, record)
         outcome = await until_disconnected(request, _within(alarm, deadline, chain.serve(), record))
     finally:
         alarm.disarm()
     if isinstance(outcome, Response):
         return outcome  # the client left; the work is cancelled
-    charge = functools.partial(_charge, record)
     headers = {TARGET_HEADER: outcome.target}
     if outcome.events is not None:
-        return sse_response(_relay(outcome, deadline, charge), headers)
-    charge()
+        return sse_response(_relay(outcome, deadline), headers)
     return Response(outcome.body, media_type="application/json", headers=headers)
 
 
@@ -123,8 +123,8 @@ async def _within(alarm: Alarm, deadline: Deadline, work: Awaitable[Outcome], re
         raise deadline.expired(record.target) from None
 
 
-async def _relay(outcome: Outcome, deadline: Deadline, charge: Callable[[], None]) -> AsyncIterator[str]:
-    """Pass events on as they come, until the deadline; then charge the key for the tokens used."""
+async def _relay(outcome: Outcome, deadline: Deadline) -> AsyncIterator[str]:
+    """Pass events on as they come, until the deadline."""
     alarm = Alarm(deadline.at)
     try:
         async with contextlib.aclosing(outcome.events) as events:
@@ -138,7 +138,6 @@ async def _relay(outcome: Outcome, deadline: Deadline, charge: Callable[[], None
                 yield event
     finally:
         alarm.disarm()
-        charge()
 
 
 class Alarm:
@@ -178,13 +177,6 @@ class Alarm:
 
     def disarm(self) -> None:
         self._timer.cancel()
-
-
-def _charge(record: RequestRecord) -> None:
-    """Charge the key's tokens-per-minute limit with what the target that served put on the record:
-    the local engine's own counts, or the provider's usage."""
-    if record.limits is not None:
-        record.limits.charge(record.prompt_tokens + record.completion_tokens)
 
 
 class _Chain:
@@ -236,14 +228,17 @@ class _Chain:
         return await retrying(attempt)
 
     async def _attempt(self, target: Target) -> Outcome:
-        self.record.attempt(target.name)  # logs and metrics name the target that answered, or failed last
+        # Logs and metrics name the target that answered, or failed last.
+        self.record.attempt(target.name, remote=isinstance(target, RemoteTarget))
         try:
             outcome = await target.serve(self.endpoint, self.body, self.deadline - self.loop.time())
         except TargetFailure as failure:
+            self.record.usage_pending = False  # it answered with an error, or not at all: nothing to bill
             if failure.unhealthy and target.breaker.failed():
                 metrics.record_cooldown(target.name)
             raise
         except APIError as error:  # the request's own fault: no other target would do better
+            self.record.usage_pending = False
             raise _tagged(error, target) from None
         target.breaker.succeeded()
         return outcome

@@ -1,8 +1,9 @@
 """Request ids, the per-request record, JSON logs (one line per request) and metrics at the end of it.
 
 The access middleware opens a `RequestRecord` for each request; handlers fill it in (`current_request()`:
-model, target, tokens) and when the response is done the middleware writes one JSON log line and
-updates the metrics from it. Prompt text and API keys are never put on the record, so never logged.
+model, target, tokens) and when the response is done the middleware charges the client key's tokens, writes
+one JSON log line and updates the metrics from it. Prompt text and API keys are never put on the record, so
+never logged.
 """
 
 from __future__ import annotations
@@ -38,13 +39,26 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the engine did not compute again (prefix reuse)
     first_token_at: float | None = None
-    limits: KeyLimits | None = None  # the client key's, charged with the tokens used once the reply is done
+    limits: KeyLimits | None = None  # the client key's, charged with the tokens used when the request ends
+    reserved: int = 0  # the request's maximum, held against the key's tokens per minute while it runs
+    # A remote target is answering and has not yet said (or shown, in a stream that ended) what it used.
+    usage_pending: bool = False
 
-    def attempt(self, target: str) -> None:
+    def attempt(self, target: str, remote: bool) -> None:
         """`target` tries to serve the request now: what an earlier target counted before failing is dropped."""
         self.target = target
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.first_token_at = None
+        self.usage_pending = remote
+
+    def settle(self) -> None:
+        """Charge the client key, once: the counts on the record; the whole reservation when the request ended
+        (deadline, client gone, stream cut) before a provider told its usage, which it may bill in full."""
+        if self.limits is None:
+            return
+        counted = self.prompt_tokens + self.completion_tokens
+        self.limits.settle(self.reserved, max(counted, self.reserved) if self.usage_pending else counted)
+        self.limits = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -129,6 +143,8 @@ class RequestIdMiddleware:
                 record.status = message["status"]
                 record.route = getattr(scope.get("route"), "path", record.route)
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", record.request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record.settle()  # before the client sees the end: its next request finds the key charged
             await send(message)
 
         try:
@@ -138,6 +154,7 @@ class RequestIdMiddleware:
             record.status = record.status or 500  # Starlette's error middleware, inside, has answered it
             raise
         finally:
+            record.settle()  # a request that ended with no answer sent (the client left, a crash) is charged too
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={"fields": record.log_fields()})
             metrics.observe_request(record)

@@ -1,4 +1,4 @@
-"""Client API keys (Authorization: Bearer, or x-api-key) and optional per-key rate limits."""
+"""Client API keys (Authorization: Bearer, or x-api-key), optional per-key rate limits, and the admin scope."""
 
 from __future__ import annotations
 
@@ -6,44 +6,80 @@ import collections
 import hmac
 import math
 import time
+from dataclasses import dataclass
 
 from gateway.config import ApiKey
 from gateway.errors import APIError
 from gateway.observability import current_request
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
 
 WINDOW = 60.0  # rate limits are per minute, over a sliding window
 
 
 class KeyLimits:
-    """Requests and tokens a key used in the last minute; tokens are charged when a reply is done."""
+    """Requests and tokens a key used in the last minute, and the tokens its requests in flight hold.
+
+    A request reserves its maximum once its body is read (`reservation`) and is charged what it used when it
+    ends, however it ends. It is admitted while what the key was charged plus what its requests in flight
+    hold is under the limit: concurrent requests overshoot the limit by at most one request's maximum, as
+    consecutive ones do."""
 
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self._requests: collections.deque[float] = collections.deque()
         self._tokens: collections.deque[tuple[float, int]] = collections.deque()
+        self._charged = 0  # the sum of _tokens
+        self._reserved = 0  # the maxima of the requests in flight
 
     def admit(self) -> None:
         now = time.monotonic()
         self._forget(now)
         if self.rpm is not None and len(self._requests) >= self.rpm:
             raise _limited("requests", self.rpm, self._requests[0] + WINDOW - now)
-        if self.tpm is not None and sum(t for _, t in self._tokens) >= self.tpm:
-            raise _limited("tokens", self.tpm, self._tokens[0][0] + WINDOW - now)
+        self._check_tokens(now)
         self._requests.append(now)
+
+    def reserve(self, tokens: int) -> int:
+        """Hold `tokens` for a request until it ends (429 when the key is at its limit); what it holds."""
+        if self.tpm is None:
+            return 0
+        self._check_tokens(time.monotonic())
+        self._reserved += tokens
+        return tokens
+
+    def settle(self, reserved: int, used: int) -> None:
+        """A request ended: it gives back what it held and is charged what it used."""
+        self._reserved -= reserved
+        self.charge(used)
 
     def charge(self, tokens: int) -> None:
         if self.tpm is not None and tokens:
             self._tokens.append((time.monotonic(), tokens))
+            self._charged += tokens
 
-    @property
-    def counts_tokens(self) -> bool:
-        return self.tpm is not None
+    def _check_tokens(self, now: float) -> None:
+        self._forget(now)
+        if self.tpm is not None and self._charged + self._reserved >= self.tpm:
+            # Requests in flight may end any moment, using less than they hold.
+            raise _limited("tokens", self.tpm, self._tokens[0][0] + WINDOW - now if self._tokens else 1)
 
     def _forget(self, now: float) -> None:
         while self._requests and self._requests[0] <= now - WINDOW:
             self._requests.popleft()
         while self._tokens and self._tokens[0][0] <= now - WINDOW:
-            self._tokens.popleft()
+            self._charged -= self._tokens.popleft()[1]
+
+
+def reservation(body: ModelRequest, default_completion: int) -> int:
+    """The most tokens a request may use: its prompt at about four bytes a token (of the whole body, which
+    holds more than the prompt), plus for each choice of each prompt `max_tokens`, or `default_completion`
+    (the context window) when it is unset."""
+    prompt = body.size() // 4
+    if isinstance(body, ChatCompletionRequest):
+        return prompt + (body.requested_max_tokens() or default_completion) * body.n
+    if isinstance(body, CompletionRequest):
+        return prompt + (body.max_tokens or default_completion) * body.n * len(body.prompts())
+    return prompt
 
 
 def _limited(unit: str, limit: int, wait: float) -> APIError:
@@ -54,23 +90,43 @@ def _limited(unit: str, limit: int, wait: float) -> APIError:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Key:
+    limits: KeyLimits
+    admin: bool  # may load and unload models and see target URLs in /health
+
+
 class KeyRing:
-    """The accepted keys. Empty means the gateway is open (the default, for a local process)."""
+    """The accepted keys. Without client keys the gateway is open (the default, for a local process); admin
+    keys alone guard only what needs an admin."""
 
     def __init__(self, keys: list[ApiKey]):
-        self._keys = [(k.secret().encode(), KeyLimits(k.requests_per_minute, k.tokens_per_minute)) for k in keys]
+        self._keys = [
+            (k.secret().encode(), Key(KeyLimits(k.requests_per_minute, k.tokens_per_minute), k.admin)) for k in keys
+        ]
+        self.closed = any(not key.admin for _, key in self._keys)  # every /v1/ path needs a key
+        self.guards_admin = bool(self._keys)  # load and unload need an admin key
 
     def __bool__(self) -> bool:
-        return bool(self._keys)
+        return self.closed
 
-    def match(self, presented: str) -> KeyLimits | None:
+    def match(self, presented: str) -> Key | None:
         """Compare against every key in constant time, so timing reveals neither key nor position."""
         found = None
         candidate = presented.encode()
-        for secret, limits in self._keys:
+        for secret, key in self._keys:
             if hmac.compare_digest(secret, candidate):
-                found = limits
+                found = key
         return found
+
+    def find(self, headers: dict[bytes, bytes]) -> Key | None:
+        """The key a request's headers present, if it is one of these."""
+        presented = presented_key(headers)
+        return self.match(presented) if presented else None
+
+    def is_admin(self, headers: dict[bytes, bytes]) -> bool:
+        key = self.find(headers)
+        return key is not None and key.admin
 
 
 def presented_key(headers: dict[bytes, bytes]) -> str | None:
@@ -101,10 +157,24 @@ class ApiKeyMiddleware:
 
 
 def _admit(keys: KeyRing, headers: dict[bytes, bytes]) -> KeyLimits:
-    presented = presented_key(headers)
-    limits = keys.match(presented) if presented else None
-    if limits is None:
-        message = "Incorrect API key provided." if presented else "You didn't provide an API key."
+    key = _identify(keys, headers)
+    key.limits.admit()
+    return key.limits
+
+
+def _identify(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:
+    key = keys.find(headers)
+    if key is None:
+        message = "Incorrect API key provided." if presented_key(headers) else "You didn't provide an API key."
         raise APIError(401, message, code="invalid_api_key")
-    limits.admit()
-    return limits
+    return key
+
+
+def require_admin(keys: KeyRing, headers: dict[bytes, bytes]) -> None:
+    """401 without a valid key, 403 for a key that is not an admin's, once any key is configured; a gateway
+    without keys (a local process) lets anyone load and unload."""
+    if keys.guards_admin and not _identify(keys, headers).admin:
+        raise APIError(
+            403, "You have insufficient permissions for this operation: it needs an admin key (admin: true in "
+            "api_keys, or one of LLM_ADMIN_KEYS).", code="insufficient_permissions",
+        )  # fmt: skip

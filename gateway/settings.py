@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(60, gt=0, description="default seconds a request may take before 504")
     max_request_timeout: float = Field(300, gt=0, description="the largest timeout a request may ask for")
     api_keys: str | None = Field(None, description="comma-separated keys clients must send (unset: open)")
+    admin_keys: str | None = Field(
+        None, description="comma-separated keys that may also load and unload models and see target URLs in /health"
+    )
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key from LLM_API_KEYS")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key from LLM_API_KEYS")
     http_client: str = Field("http1", description="upstream HTTP client: http1 | aiohttp | httpx")

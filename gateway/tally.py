@@ -1,6 +1,8 @@
 """What the gateway reads from a remote target's replies while relaying them: when the first token
 arrived, and how many tokens were used. Both go on the request's record, for metrics, the access log
-and the key's tokens-per-minute limit, as local engines put theirs there while generating."""
+and the key's tokens-per-minute limit, as local engines put theirs there while generating. Until a reply
+told its usage (or a stream showed its end) the record's usage is pending: a request cut short then is
+charged its whole reservation."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def record_usage(record: RequestRecord, usage: dict) -> None:
 
 def record_body_usage(record: RequestRecord, body: bytes) -> None:
     """The usage of a whole reply (nothing when the provider sent none)."""
+    record.usage_pending = False
     with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
         record_usage(record, from_json(body)["usage"] or {})
 
@@ -36,6 +39,7 @@ class StreamTally:
         self.record, self.client_wants_usage = record, client_wants_usage
         self.usage: dict | None = None
         self.deltas = 0
+        self.finished = False  # the provider ended the stream ([DONE])
 
     def passes(self, data: str) -> bool:
         """Count one `data` payload; False when it is only the usage the client did not ask for."""
@@ -56,11 +60,13 @@ class StreamTally:
         return self.client_wants_usage or bool(choices) or not usage
 
     def settle(self) -> None:
-        """Put the stream's tokens on the record, once it ended (or was cut)."""
+        """Put the stream's tokens on the record, once it ended (or was cut). Cut before the provider finished
+        and without its usage, what it generated is unknown: the usage stays pending."""
         if self.usage:
             record_usage(self.record, self.usage)
         else:
             self.record.prompt_tokens, self.record.completion_tokens = 0, self.deltas
+        self.record.usage_pending = not (self.usage or self.finished)
 
 
 def _has_output(choice) -> bool:

@@ -28,6 +28,7 @@ from gateway.upstream import HttpClient, UpstreamResponse, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+AUTH_STATUS = {401, 403}  # the provider refuses the gateway's own key
 
 
 @dataclass
@@ -191,6 +192,7 @@ class RemoteTarget:
                         continue  # comments (pings), blank separators, event names
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        tally.finished = True
                         return
                     if first and data.startswith('{"error"'):
                         raise self._failure(500, response.headers, data.encode())  # failed before any output
@@ -209,11 +211,22 @@ class RemoteTarget:
         raise self._failure(response.status, response.headers, await response.read())
 
     def _failure(self, status: int, headers, content: bytes) -> APIError | TargetFailure:
+        if status in AUTH_STATUS:
+            return self._refused_credentials()
         error = _upstream_error(status, content)
         if status not in RETRYABLE_STATUS:
             return error  # the request's own fault: the client sees the provider's answer
         retry_after = _seconds(headers.get("retry-after"))
         return TargetFailure(error, retry_here=True, unhealthy=True, retry_after=retry_after)
+
+    def _refused_credentials(self) -> TargetFailure:
+        """The provider's 401/403 is the gateway's configuration at fault, not the client's: a 502 that moves on
+        to the next target. The provider's message never reaches the client (it can quote a piece of the key)."""
+        error = APIError(
+            502, f"The provider rejected the gateway's credentials for target '{self.name}'.", type="server_error",
+            code="upstream_auth_failed",
+        )  # fmt: skip
+        return TargetFailure(error, retry_here=False, unhealthy=True)
 
     def _unreachable(self, error: UpstreamUnavailable) -> TargetFailure:
         status = 504 if error.timed_out else 502

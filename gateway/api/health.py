@@ -1,5 +1,6 @@
-"""GET /health (liveness: the process answers, with what is loaded), GET /ready (readiness: the default
-model can serve now), and GET / (where to look next)."""
+"""GET /health (liveness: the process answers, with what is loaded; open to probes, and showing providers'
+URLs only to an admin key), GET /ready (readiness: the default model can serve now), and GET / (where to look
+next)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,20 @@ async def health(request: Request) -> JSONResponse:
         "device": first.get("device"),
         "memory": {"rss_bytes": rss_bytes(), "model_bytes": sum(e["memory_bytes"] for e in engines)},
         "models": engines,
-        "targets": {target.name: target.health() for target in router.targets()},
+        "targets": _targets(request),
         "governor": request.app.state.models.state(),
     }
     return JSONResponse(body, status_code=503 if status in ("error", "stalled") else 200)
+
+
+def _targets(request: Request) -> dict[str, dict]:
+    """Each target's state; a provider's URL only for an admin key (the probes that poll this carry none)."""
+    with_urls = request.app.state.keys.is_admin(dict(request.scope["headers"]))
+    targets = {target.name: target.health() for target in request.app.state.router.targets()}
+    if not with_urls:
+        for state in targets.values():
+            state.pop("base_url", None)
+    return targets
 
 
 @router.get("/ready")

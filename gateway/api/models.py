@@ -1,5 +1,6 @@
 """GET /v1/models and /v1/models/{id}: the public model names this gateway answers to; POST
-/v1/models/{id}/load (pre-warm) and /v1/models/{id}/unload for the local models' lifecycle."""
+/v1/models/{id}/load (pre-warm) and /v1/models/{id}/unload for the local models' lifecycle, with an admin key
+(403 `insufficient_permissions` for another key) whenever any key is configured."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Request
 from gateway.errors import APIError, invalid_param
 from gateway.lifecycle import ManagedModel
 from gateway.protocol import ModelCard, ModelList, ModelState
+from gateway.security import require_admin
 from gateway.targets import LocalTarget
 
 router = APIRouter()
@@ -22,6 +24,7 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/models/{model_id:path}/load", response_model=ModelState)
 async def load_model(model_id: str, request: Request) -> ModelState:
     """Load now (making room as the governor allows), so the first real request is fast."""
+    _require_admin(request)
     model = _local_model(request, model_id)
     await model.load()  # 507 when it cannot fit, 503 while a long load goes on
     return _state(model)
@@ -29,6 +32,7 @@ async def load_model(model_id: str, request: Request) -> ModelState:
 
 @router.post("/v1/models/{model_id:path}/unload", response_model=ModelState)
 async def unload_model(model_id: str, request: Request) -> ModelState:
+    _require_admin(request)
     model = _local_model(request, model_id)
     if model.state != "unloaded" and not await model.unload("request"):
         message = f"Model '{model_id}' is loading or serving requests; it cannot be unloaded now."
@@ -40,6 +44,11 @@ async def unload_model(model_id: str, request: Request) -> ModelState:
 async def get_model(model_id: str, request: Request) -> ModelCard:
     request.app.state.router.resolve(model_id)  # 404 model_not_found when unknown
     return ModelCard(id=model_id, created=request.app.state.started)
+
+
+def _require_admin(request: Request) -> None:
+    """Loading and unloading change what every client gets: an admin's, once any key is configured."""
+    require_admin(request.app.state.keys, dict(request.scope["headers"]))
 
 
 def _local_model(request: Request, model_id: str) -> ManagedModel:
