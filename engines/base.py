@@ -42,6 +42,14 @@ class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
 
 
+def too_long_to_tokenize(window: int, least: int, param: str) -> ContextLengthExceeded:
+    """For a prompt refused before it is tokenized: it cannot take fewer than `least` tokens."""
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {window} tokens. However, the {param} would take at least "
+        f"{least} tokens. Please reduce the length of the {param}.", param=param,
+    )  # fmt: skip
+
+
 class UnsupportedFeature(EngineError):
     status_code = 400
     error_type = "invalid_request_error"
@@ -161,3 +169,8 @@ class Engine(Protocol):
         ...
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings: ...
+
+    def prompt_work(self) -> int:
+        """Blocking work on the model (rendering, tokenizing) still running on threads, also for requests already
+        cancelled: while there is any, the model must not be freed."""
+        ...

@@ -8,8 +8,11 @@ the figures `info()` reports (the hooks at the end).
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 from abc import ABC, abstractmethod
-from typing import Generic, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Generic, TypeVar
 
 from engines.base import EngineConfig, EngineInfo, EngineNotReady
 
@@ -28,6 +31,8 @@ class BaseEngine(ABC, Generic[Runner]):
         self.config = config
         self._state = "loading"
         self._error: str | None = None
+        self._prompt_threads: ThreadPoolExecutor | None = None
+        self._prompt_work: set[Future] = set()  # queued or running on the prompt threads, until its thread is done
 
     async def load(self) -> None:
         try:
@@ -37,7 +42,28 @@ class BaseEngine(ABC, Generic[Runner]):
             self._state, self._error = "failed", str(exc)
             raise
         self._start()
+        # One thread per core: a burst of long prompts cannot start more tokenizations than there are cores.
+        self._prompt_threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix=f"{self.name}-prompts")
         self._state = "ready"
+
+    def _off_loop(self, work: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
+        """Blocking work that reads the model (rendering a chat, tokenizing) on the prompt threads. It counts in
+        `prompt_work()` until its thread returns, also after the request awaiting it was cancelled: the model
+        must stay loaded until then. Work cancelled before its thread took it never runs."""
+        future = self._prompt_threads.submit(functools.partial(work, *args, **kwargs))
+        self._prompt_work.add(future)
+        future.add_done_callback(self._prompt_work.discard)  # set.discard is atomic: safe from the thread
+        return asyncio.wrap_future(future)
+
+    def prompt_work(self) -> int:
+        """Prompt work queued or running on threads, for requests live or already cancelled."""
+        return len(self._prompt_work)
+
+    async def _end_prompt_work(self) -> None:
+        """Before the model is freed: wait for the prompt threads still reading it."""
+        if self._prompt_threads is not None:
+            await asyncio.to_thread(self._prompt_threads.shutdown, wait=True)
+            self._prompt_threads = None
 
     @abstractmethod
     def _load_blocking(self) -> None:

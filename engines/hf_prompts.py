@@ -1,39 +1,74 @@
 """Prompt handling shared by the engines that use a Hugging Face tokenizer (transformers, vLLM).
 
-Both render chats with the tokenizer's own chat template and tokenize off the event loop, so a
-request gets the same token ids, and the same usage counts, from either engine.
+Both render chats with the tokenizer's own chat template and tokenize off the event loop (on the engine's
+prompt threads), so a request gets the same token ids, and the same usage counts, from either engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
+import json
 
-from engines.base import ContextLengthExceeded, Prompt, UnsupportedFeature
-from engines.text import tokenize
+from engines.base import ContextLengthExceeded, Prompt, UnsupportedFeature, too_long_to_tokenize
+from engines.text import INLINE_TOKENIZE_CHARS
+
+
+def longest_piece(tokenizer) -> int | None:
+    """The most input bytes one token covers, where none covers more than its own: a byte-level BPE (each character
+    of a vocabulary entry stands for one byte) with no normaliser (which may drop text) and no added token that
+    swallows the whitespace beside it. None for any other tokenizer: no bound then."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    config = json.loads(backend.to_str())
+    pre = config.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    added = tokenizer.added_tokens_decoder.values()
+    if (
+        config.get("normalizer") or config["model"].get("type") != "BPE"
+        or not any(step.get("type") == "ByteLevel" for step in steps) or any(t.lstrip or t.rstrip for t in added)
+    ):  # fmt: skip
+        return None
+    return max([max(map(len, tokenizer.get_vocab())), *(len(t.content.encode()) for t in added)])
 
 
 class HFPrompts:
-    """Mixin: the engine provides `self._tokenizer` and `self._require_ready()`."""
+    """Mixin: the engine provides `self._tokenizer`, `self._longest_piece` (`longest_piece` of it),
+    `self._require_ready()` and `self._off_loop()`."""
 
     async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
         self._require_ready()
-        text = await asyncio.to_thread(
-            self._tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True
-        )
-        return Prompt(text=text, token_ids=await self._tokenize(text, add_special=False))
+        return await self._off_loop(self._render_chat, messages)
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        """On a prompt thread: a template takes time that grows with the messages."""
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tokens = self._encode(text, add_special=False, window=self.context_length(), param="messages")
+        return Prompt(text=text, token_ids=tokens)
 
     async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
         self._require_ready()
         if isinstance(prompt, list):
             self._check_token_ids(prompt, "prompt")
             return Prompt(text="", token_ids=list(prompt))
-        tokens = await self._tokenize(prompt, add_special=True)
+        tokens = await self._tokenize(prompt, window=self.context_length(), param="prompt")
         fallback = [t for t in (self._tokenizer.bos_token_id, self._tokenizer.eos_token_id) if t is not None][:1]
         return Prompt(text=prompt, token_ids=tokens or fallback)
 
-    async def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        return await tokenize(functools.partial(self._tokenizer.encode, add_special_tokens=add_special), text)
+    async def _tokenize(self, text: str, *, window: int, param: str) -> list[int]:
+        """A raw text's tokens (with the special tokens the tokenizer adds), on a prompt thread unless short."""
+        encode = functools.partial(self._encode, add_special=True, window=window, param=param)
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return encode(text)
+        return await self._off_loop(encode, text)
+
+    def _encode(self, text: str, *, add_special: bool, window: int, param: str) -> list[int]:
+        """`text`'s tokens, unless its bytes cannot fit `window` tokens: then refused before it is tokenized."""
+        if self._longest_piece is not None:
+            least = -(-len(text.encode()) // self._longest_piece)
+            if least > window:
+                raise too_long_to_tokenize(window, least, param)
+        return self._tokenizer.encode(text, add_special_tokens=add_special)
 
     def _check_token_ids(self, tokens: list[int], param: str) -> None:
         size = len(self._tokenizer)
@@ -45,7 +80,7 @@ class HFPrompts:
         token_lists = []
         for item in inputs:
             if isinstance(item, str):
-                tokens = await self._tokenize(item, add_special=True)
+                tokens = await self._tokenize(item, window=window, param="input")
             else:
                 self._check_token_ids(item, "input")
                 tokens = item

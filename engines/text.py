@@ -1,22 +1,12 @@
-"""Text helpers shared by all engines: tokenizing off the event loop, and stop-sequence matching over a
+"""Text helpers shared by all engines: when to tokenize off the event loop, and stop-sequence matching over a
 stream of text pieces."""
 
 from __future__ import annotations
-
-import asyncio
-from typing import Callable
 
 # Hugging Face's tokenizers take tens of µs for a prompt, and a hop to a worker thread ~80 µs on the 2-core CI
 # machine: texts up to this size are tokenized in place. (llama.cpp's tokenizer is slower, 150-900 µs for a
 # 235-character prompt: the llama.cpp engine tokenizes on threads, and a burst's hand-over waits for them.)
 INLINE_TOKENIZE_CHARS = 1024
-
-
-async def tokenize(encode: Callable[[str], list[int]], text: str) -> list[int]:
-    """`encode(text)`, on a worker thread unless `text` is short."""
-    if len(text) <= INLINE_TOKENIZE_CHARS:
-        return encode(text)
-    return await asyncio.to_thread(encode, text)
 
 
 class StopMatcher:

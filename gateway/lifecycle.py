@@ -2,8 +2,10 @@
 under memory pressure, as the governor (gateway/memory.py) decides.
 
 `ManagedModel` is itself an `Engine`: routes use it like any engine, and it loads the real one on demand,
-counts the requests it serves (so it is never unloaded under one) and builds a fresh engine after each
-unload. `ModelManager` holds the models, makes room before a load, and sweeps idle ones in the background.
+counts the requests it serves (so it is never unloaded under one: each holds it from its first engine call
+to its last, and prompt work left on a thread by a cancelled request holds it too) and builds a fresh engine
+after each unload. `ModelManager` holds the models, makes room before a load, and sweeps idle ones in the
+background.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class ManagedModel:
         return self.estimate if self.state in ("loading", "unloading") else 0
 
     def evictable(self) -> bool:
-        return self.state == "ready" and self._in_flight == 0
+        """Loaded, held by no request, and no thread still reading the model: freeing it now is safe."""
+        return self.state == "ready" and self._in_flight == 0 and self._engine.prompt_work() == 0
 
     def idle_seconds(self) -> float:
         return time.monotonic() - self._last_used
@@ -160,20 +163,26 @@ class ManagedModel:
         await self.ensure_loaded()
         return await self._engine.encode_prompt(prompt)
 
+    def prompt_work(self) -> int:
+        return self._engine.prompt_work()
+
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
-        with self._serving():
+        with self.serving():
             await self.ensure_loaded()
             async with contextlib.aclosing(self._engine.generate(prompt, params)) as deltas:
                 async for delta in deltas:
                     yield delta
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
-        with self._serving():
+        with self.serving():
             await self.ensure_loaded()
             return await self._engine.embed(inputs)
 
     @contextlib.contextmanager
-    def _serving(self):
+    def serving(self):
+        """Holds the model for a request: not unloaded (by a request, the idle sweep or the governor) until
+        released. A generation holds it from its start until its stream is closed (by its reader, or by the
+        garbage collector)."""
         self._in_flight += 1
         try:
             yield

@@ -8,7 +8,8 @@ Pressure is used / budget; each level unloads models idle for longer than its th
     below 60 %  none          60-80 %  moderate: idle > 120 s
     80-90 %     high: > 30 s  over 90 %  critical: idle > 5 s (a grace period, then forced)
 
-A model serving a request (or loading) is never unloaded. Making room for a new model unloads the least
+A model serving a request (from its first engine call to its last), loading, or read by a thread that a
+cancelled request left running is never unloaded. Making room for a new model unloads the least
 recently used idle models; if that cannot free enough, the request gets 507 naming the shortfall.
 """
 
@@ -45,7 +46,7 @@ class Resident(Protocol):
 
     def footprint(self) -> int: ...  # bytes held now (0 when unloaded)
 
-    def evictable(self) -> bool: ...  # loaded and serving nothing
+    def evictable(self) -> bool: ...  # loaded, serving nothing, and no thread still reading it
 
     def idle_seconds(self) -> float: ...
 

@@ -21,6 +21,7 @@ from engines.base import Engine, EngineError, EngineOverloaded
 from gateway.config import RemoteTarget as RemoteConfig
 from gateway.errors import APIError, from_engine_error, invalid_param
 from gateway.generation import primed
+from gateway.lifecycle import ManagedModel
 from gateway.observability import current_request
 from gateway.protocol import ModelRequest
 from gateway.tally import StreamTally, record_body_usage
@@ -111,7 +112,7 @@ def local_handler(endpoint: str) -> Callable[[LocalHandler], LocalHandler]:
 class LocalTarget:
     kind = "local"
 
-    def __init__(self, name: str, engine: Engine, breaker: Breaker):
+    def __init__(self, name: str, engine: ManagedModel, breaker: Breaker):
         self.name, self.engine, self.breaker = name, engine, breaker
 
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
@@ -120,10 +121,13 @@ class LocalTarget:
         if self.engine.readiness() == "stalled":
             # It would wait behind a step that may never end, past its deadline, with no time left to fall back.
             raise TargetFailure(self._stalled(), retry_here=False, unhealthy=True)
-        try:
-            result = await LOCAL_HANDLERS[endpoint](self.engine, body)
-        except EngineError as error:
-            raise self._failure(error) from error
+        # Held from the first engine call (rendering, tokenizing) until the handler returns; a stream's own hold
+        # (ManagedModel.generate) begins before that, with its first delta, and lasts until it is closed.
+        with self.engine.serving():
+            try:
+                result = await LOCAL_HANDLERS[endpoint](self.engine, body)
+            except EngineError as error:
+                raise self._failure(error) from error
         if isinstance(result, BaseModel):
             return Outcome(self.name, body=result.model_dump_json().encode())
         return Outcome(self.name, events=result)

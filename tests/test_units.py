@@ -377,7 +377,7 @@ def test_greedy_sampling_in_c_picks_what_llama_cpps_chain_picks():
             chain, ours = native_sampler(vocab, sampling, None), build_sampling(vocab, sampling, None)
             assert ours.chain is None
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
-            prompt = vocab.tokenize("Write a story about a cat", add_special=True, parse_special=False)
+            prompt = vocab.tokenize([b"Write a story about a cat"], add_special=True, parse_special=False)
             steps.occupy(0, tag=0, tokens=len(prompt), cached=0, left=1000, flags=0, sampling=ours)
             batch.clear()
             batch.add(prompt, 0, 0, outputs=1)

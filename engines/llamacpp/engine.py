@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from typing import AsyncIterator
@@ -20,6 +19,7 @@ from engines.base import (
     Prompt,
     SamplingParams,
     UnsupportedFeature,
+    too_long_to_tokenize,
 )
 from engines.common import BaseEngine
 from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, native_logs_while_loading
@@ -135,6 +135,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         return self._scheduler
 
     async def close(self) -> None:
+        await self._end_prompt_work()
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
@@ -168,35 +169,44 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
     # ---- prompts ---------------------------------------------------------------------------
 
     async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
-        self._require_ready()
+        scheduler = self._require_ready()
         if self._chat_formatter is None:
             raise UnsupportedFeature(
                 f"model {self.config.served_name!r} has no chat template; use /v1/completions", param="model"
             )
+        with scheduler.intake():
+            return await self._off_loop(self._render_chat, messages)
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        """On a prompt thread: a template takes time that grows with the messages."""
         text = self._chat_formatter(messages=messages).prompt
-        tokens = await self._tokenize_prompt(text, add_special=False, parse_special=True)
+        window = self.context_length()
+        tokens = self._encode(text, add_special=False, parse_special=True, window=window, param="messages")
         return Prompt(text=text, token_ids=tokens)
 
     async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
-        self._require_ready()
+        scheduler = self._require_ready()
         if isinstance(prompt, list):
             self._check_token_ids(prompt)
             return Prompt(text="", token_ids=list(prompt))
-        tokens = await self._tokenize_prompt(prompt, add_special=True, parse_special=False)
+        # The worker's hand-over waits for a prompt about to be submitted (`WorkerThread.intake`).
+        with scheduler.intake():
+            tokens = await self._encode_raw(prompt, window=self.context_length(), param="prompt")
         return Prompt(text=prompt, token_ids=tokens or [self._vocab.bos])
 
-    async def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        """On a thread: llama.cpp's tokenizer takes 150-900 µs for the benchmark's 235-character prompt (it builds
-        its regular expressions on every call) and releases the GIL, so a burst's prompts are tokenized side by
-        side instead of one after the other on the event loop."""
-        encode = functools.partial(self._vocab.tokenize, add_special=add_special, parse_special=parse_special)
-        return await asyncio.to_thread(encode, text)
+    def _encode_raw(self, text: str, *, window: int, param: str) -> asyncio.Future:
+        """A raw text's tokens, on a prompt thread: with BOS, and special tokens' texts read as plain text."""
+        return self._off_loop(self._encode, text, add_special=True, parse_special=False, window=window, param=param)
 
-    async def _tokenize_prompt(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        """A prompt about to be submitted: the worker's hand-over waits for it (`WorkerThread.intake`). Inputs to
-        embed are tokenized without, as they never reach the hand-over."""
-        with self._require_ready().intake():
-            return await self._tokenize(text, add_special=add_special, parse_special=parse_special)
+    def _encode(self, text: str, *, add_special: bool, parse_special: bool, window: int, param: str) -> list[int]:
+        """On a prompt thread: llama.cpp's tokenizer takes 150-900 µs for the benchmark's 235-character prompt (it
+        builds its regular expressions on every call) and releases the GIL, so a burst's prompts are tokenized side
+        by side. A text that cannot fit `window` tokens is refused before it is tokenized (which takes time growing
+        with its bytes)."""
+        parts, least = self._vocab.split_prompt(text.encode(), parse_special=parse_special, most=window)
+        if least > window:
+            raise too_long_to_tokenize(window, least, param)
+        return self._vocab.tokenize(parts, add_special=add_special, parse_special=parse_special)
 
     def _check_token_ids(self, tokens: list[int]) -> None:
         if not tokens or any(t < 0 or t >= self._vocab.size for t in tokens):
@@ -223,7 +233,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         token_lists = []
         for item in inputs:
             if isinstance(item, str):
-                tokens = await self._tokenize(item, add_special=True, parse_special=False)
+                tokens = await self._encode_raw(item, window=self._embedding_window(), param="input")
             else:
                 self._check_token_ids(item)
                 tokens = item

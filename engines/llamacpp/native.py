@@ -21,6 +21,7 @@ from engines.base import SamplingParams
 from engines.llamacpp.steps import SlotSampling
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
+SPLIT_SPECIALS = 256  # special tokens in each part of a prompt handed to llama.cpp's tokenizer (Vocab.split_prompt)
 _native_log = logging.getLogger("llama-cpp-python")
 # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error; 5 continues the previous message's level.
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
@@ -68,9 +69,82 @@ class Vocab:
         # off, as llama-server does, and the C steps look each sampled token up in a table made from them.
         self.eog_ids = frozenset(t for t in range(self.size) if llama_cpp.llama_vocab_is_eog(self.ptr, t))
         self._pieces: dict[tuple[int, bool], bytes] = {}  # token pieces never change; writes race harmlessly
+        attributes = [llama_cpp.llama_vocab_get_attr(self.ptr, t) for t in range(self.size)]
+        # The most input bytes one token covers: its piece, plus 4 for an unknown token standing for one character.
+        # Vocabularies that normalise their input (WordPiece, Unigram, ...) may drop text: no such bound for them.
+        exact = llama_cpp.llama_vocab_type(self.ptr) in (llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE)
+        longest = max(len(self._piece(t, True)) for t in range(self.size))
+        self.longest_piece: int | None = max(longest, 4) if exact else None
+        # A special token with one of these attributes swallows the whitespace beside it.
+        strip = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP | llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+        self._strips_spaces = any(attribute & strip for attribute in attributes)
+        # A text split after a special token tokenizes as the whole does, unless a token is added at its end.
+        self._splittable = exact and not self._strips_spaces and not llama_cpp.llama_vocab_get_add_eos(self.ptr)
+        self._specials = {parse: self._special_texts(attributes, parse) for parse in (True, False)}
 
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
+    def _special_texts(self, attributes: list[int], parse_special: bool) -> list[bytes]:
+        """The texts llama.cpp cuts out of a text before tokenizing the rest, in its order (longest first). Without
+        `parse_special` it skips control and unknown tokens but still cuts out user-defined ones."""
+        cut = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        if parse_special:
+            cut |= llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        tokens = [t for t, attribute in enumerate(attributes) if attribute & cut]
+        texts = filter(None, (llama_cpp.llama_vocab_get_text(self.ptr, t) for t in tokens))
+        return sorted(texts, key=len, reverse=True)
+
+    def split_prompt(self, data: bytes, *, parse_special: bool, most: int) -> tuple[list[bytes], int]:
+        """`data` in parts to tokenize one after the other, and a lower bound on its tokens, exact enough to refuse
+        a text that cannot fit `most` tokens before tokenizing it (no parts then).
+
+        No token covers more bytes than `longest_piece`, and each special token llama.cpp cuts out of the text
+        first is one token. That cutting takes time growing with the square of their number, so the text is split
+        after every SPLIT_SPECIALS-th: llama.cpp tokenizes the text between special tokens piece by piece, so the
+        parts give the whole's tokens."""
+        if self.longest_piece is None:
+            return [data], 0
+        counted = len(data)
+        if self._strips_spaces:
+            counted -= sum(data.count(space) for space in b" \t\n\v\f\r")
+        least = -(-counted // self.longest_piece)
+        if least > most:
+            return [], least
+        pieces, specials = self._partition(data, parse_special, most)
+        if specials > most:
+            return [], specials
+        parts = _split_after_specials(pieces) if self._splittable and specials > SPLIT_SPECIALS else [data]
+        return parts, max(least, specials)
+
+    def _partition(self, data: bytes, parse_special: bool, most: int) -> tuple[list[tuple[bytes, bool]], int]:
+        """`data` cut as llama.cpp cuts it before tokenizing: each special token's text in turn, longest first, out
+        of the text left between those already cut. The pieces (text, whether a special token) and the number of
+        special tokens, counted up to `most` + 1."""
+        pieces, found = [(data, False)], 0
+        for special in self._specials[parse_special]:
+            if special not in data:
+                continue
+            cut = []
+            for text, is_special in pieces:
+                if is_special or special not in text:
+                    cut.append((text, is_special))
+                    continue
+                parts = text.split(special)
+                found += len(parts) - 1
+                if found > most:
+                    return [], found
+                cut.append((parts[0], False))
+                for part in parts[1:]:
+                    cut += ((special, True), (part, False))
+            pieces = [(text, is_special) for text, is_special in cut if text]
+        return pieces, found
+
+    def tokenize(self, parts: list[bytes], *, add_special: bool, parse_special: bool) -> list[int]:
+        """The tokens of a text split by `split_prompt`: BOS (if `add_special` asks for it) before the first part."""
+        tokens = []
+        for index, part in enumerate(parts):
+            tokens += self._tokenize(part, add_special and index == 0, parse_special)
+        return tokens
+
+    def _tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
         capacity = len(data) + 8
         buffer = (llama_cpp.llama_token * capacity)()
         count = llama_cpp.llama_tokenize(self.ptr, data, len(data), buffer, capacity, add_special, parse_special)
@@ -95,6 +169,21 @@ class Vocab:
             buffer = ctypes.create_string_buffer(-size)
             size = llama_cpp.llama_token_to_piece(self.ptr, token, buffer, len(buffer), 0, special)
         return buffer.raw[:size]
+
+
+def _split_after_specials(pieces: list[tuple[bytes, bool]]) -> list[bytes]:
+    """Partitioned text joined back into parts of SPLIT_SPECIALS special tokens each, every part but the last
+    ending with one."""
+    parts, current, specials = [], [], 0
+    for text, is_special in pieces:
+        current.append(text)
+        specials += is_special
+        if specials == SPLIT_SPECIALS:
+            parts.append(b"".join(current))
+            current, specials = [], 0
+    if current:
+        parts.append(b"".join(current))
+    return parts
 
 
 def model_metadata(model, key: str) -> str | None:

@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAnd
 
 from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, UnsupportedFeature
 from engines.common import BaseEngine
-from engines.hf_prompts import HFPrompts
+from engines.hf_prompts import HFPrompts, longest_piece
 from engines.transformers.sampling import TokenChooser, json_matcher
 from engines.transformers.worker import Worker, eos_ids
 from engines.worker_thread import deltas
@@ -63,6 +63,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
             raise ValueError(f"LLM_QUANTIZATION={self._quantization} needs bitsandbytes on a CUDA GPU; none is visible")
         self._model = None
         self._tokenizer = None
+        self._longest_piece: int | None = None  # bytes one token covers at most, where known
         self._grammar_tokenizer = None
         self._worker: Worker | None = None
 
@@ -77,6 +78,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         source, extra = pretrained_source(path)
         extra["trust_remote_code"] = bool(self.config.options.get("trust_remote_code"))
         self._tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        self._longest_piece = longest_piece(self._tokenizer)
         if not self._embeds_only and not self._tokenizer.chat_template:
             raise ValueError(f"{path} has no chat template: only instruction-tuned models can serve chat")
         model_class = AutoModel if self._embeds_only else AutoModelForCausalLM
@@ -104,6 +106,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         return worker
 
     async def close(self) -> None:
+        await self._end_prompt_work()
         if self._worker is not None:
             await asyncio.to_thread(self._worker.stop)
             self._worker = None

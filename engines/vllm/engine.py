@@ -35,7 +35,7 @@ from engines.base import (  # noqa: E402
     UnsupportedFeature,
 )
 from engines.common import BaseEngine  # noqa: E402
-from engines.hf_prompts import HFPrompts  # noqa: E402
+from engines.hf_prompts import HFPrompts, longest_piece  # noqa: E402
 
 
 def hf_directory(model_path: str) -> str:
@@ -52,6 +52,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         self._embeds_only = config.options.get("task") == "embed"
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
+        self._longest_piece: int | None = None  # bytes one token covers at most, where known
         self._running = 0
         self._weights_bytes = 0  # measured once at load: /health, /metrics and the memory governor read info()
         self._load_ended: threading.Event | None = None  # set when a started load's thread returns
@@ -70,6 +71,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             if not Path(model).exists() and model != self.config.model_path:
                 raise FileNotFoundError(f"vLLM cannot read GGUF and {model} is missing: run `make models-hf`")
             self._tokenizer = AutoTokenizer.from_pretrained(model)
+            self._longest_piece = longest_piece(self._tokenizer)
             if not self._embeds_only and not self._tokenizer.chat_template:
                 raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
             # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
@@ -112,6 +114,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         return llm
 
     async def close(self) -> None:
+        await self._end_prompt_work()
         if self._load_ended is not None:
             await asyncio.to_thread(self._end_load)
         if self._llm is not None:
