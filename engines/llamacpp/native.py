@@ -11,6 +11,7 @@ import ctypes
 import functools
 import json
 import logging
+import re
 from typing import Iterator
 
 import llama_cpp
@@ -18,10 +19,26 @@ import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from engines.base import SamplingParams
+from engines.json_schema import InvalidSchema
 from engines.llamacpp.steps import SlotSampling
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
 SPLIT_SPECIALS = 256  # special tokens in each part of a prompt handed to llama.cpp's tokenizer (Vocab.split_prompt)
+# llama.cpp parses a grammar's groups, and matches them, recursively on the engine thread's stack: a grammar nested
+# deep enough overflows that stack and kills the process, so grammars nested deeper than this are refused before it
+# sees them, with a wide margin to what even a small thread stack survives (it refuses optional groups nested not
+# much deeper itself, gracefully).
+MAX_GRAMMAR_NESTING = 1_000
+MAX_GRAMMAR_CHARS = 1 << 20  # the engine thread parses the grammar of every sequence that uses one
+# `ignore_eos`'s bias on the end-of-generation tokens: finite, so that where a grammar allows nothing but the end the
+# end is still drawn. With every logit -inf the sampler draws a token the grammar forbids, and llama.cpp aborts.
+END_OFF = -1e30
+# A quoted literal, or a character class (its ^ and its body): the grammar's terminals.
+_GBNF_TERMINALS = re.compile(r'"((?:\\.|[^"\\])*)"|\[(\^?)((?:\\.|[^\]\\])*)\]', re.DOTALL)
+_GBNF_CHAR = re.compile(r"\\x([0-9a-fA-F]{2})|\\u([0-9a-fA-F]{4})|\\U([0-9a-fA-F]{8})|\\(.)|(.)", re.DOTALL)
+_GBNF_ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]"}
+_GROUP_MARKS = re.compile(r"[()]")
+LAST_CODE_POINT = 0x10FFFF
 _native_log = logging.getLogger("llama-cpp-python")
 # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error; 5 continues the previous message's level.
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
@@ -199,8 +216,99 @@ def model_metadata(model, key: str) -> str | None:
 
 def json_grammar(schema: dict) -> str:
     """GBNF for JSON matching `schema`. Whitespace is limited to one optional space between tokens,
-    so a small model cannot fill `max_tokens` with newlines and never close the object."""
-    return json_schema_to_gbnf(json.dumps(schema))
+    so a small model cannot fill `max_tokens` with newlines and never close the object. A schema it cannot
+    express, or whose grammar is beyond what llama.cpp can safely load, is a 400."""
+    grammar, error = _json_grammar(json.dumps(schema))
+    if error is not None:
+        raise InvalidSchema(error, param="response_format")
+    return grammar
+
+
+@functools.lru_cache(maxsize=16)
+def _json_grammar(schema_json: str) -> tuple[str, str | None]:
+    """The grammar, or why there is none. Cached, failures included: every choice of a request converts the
+    schema, and clients repeat theirs."""
+    try:
+        grammar = json_schema_to_gbnf(schema_json)
+    except Exception as exc:  # its converter asserts, and raises KeyError or RecursionError on what it cannot read
+        return "", f"llama.cpp cannot turn this JSON schema into a grammar: {type(exc).__name__}: {str(exc)[:200]}"
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        return "", f"The JSON schema's grammar is longer than {MAX_GRAMMAR_CHARS} characters; make it smaller."
+    if _deepest_group(grammar) > MAX_GRAMMAR_NESTING:
+        return "", (
+            f"The JSON schema's grammar nests groups more than {MAX_GRAMMAR_NESTING} deep, which llama.cpp cannot "
+            "load: lower its maxLength, maxItems or pattern repetition counts."
+        )
+    return grammar, _terminals_error(grammar)
+
+
+def _deepest_group(grammar: str) -> int:
+    """How deep the grammar's parentheses nest, outside its quoted literals and character classes."""
+    depth = deepest = 0
+    for mark in _GROUP_MARKS.findall(_GBNF_TERMINALS.sub("", grammar)):
+        depth = depth + 1 if mark == "(" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _terminals_error(grammar: str) -> str | None:
+    """Why llama.cpp must not get the grammar's literals and character classes, if it must not.
+
+    An escape its parser does not know fails the load, and the parser prints the whole grammar (the client's
+    schema) to stderr. A terminal that needs a character no token carries (none at all, or only NUL, which llama.cpp
+    never lets through) leaves the sampler without an allowed token: it draws a forbidden one and llama.cpp aborts
+    the process."""
+    for terminal in _GBNF_TERMINALS.finditer(grammar):
+        literal, negated, body = terminal.groups()
+        try:
+            chars = _gbnf_chars(literal if literal is not None else body)
+        except ValueError:
+            return (
+                "The JSON schema has a pattern escape that llama.cpp's grammars do not support (such as \\d, \\w, "
+                "\\s or \\.): write a character class such as [0-9] instead."
+            )
+        if literal is not None:
+            producible = all(char != "\0" for char, _ in chars)
+        else:
+            producible = _class_matches(chars, negated)
+        if not producible:
+            return "The JSON schema requires a character no token produces (NUL, or a class that matches nothing)."
+    return None
+
+
+def _gbnf_chars(text: str) -> list[tuple[str, bool]]:
+    """The characters of a GBNF literal or class body as llama.cpp reads them, each with whether it is a bare '-'."""
+    chars = []
+    for hex2, hex4, hex8, escaped, plain in _GBNF_CHAR.findall(text):
+        if plain:
+            chars.append((plain, plain == "-"))
+        elif escaped in _GBNF_ESCAPES:
+            chars.append((_GBNF_ESCAPES[escaped], False))
+        elif escaped:
+            raise ValueError(f"llama.cpp's grammars have no escape \\{escaped}")
+        else:
+            chars.append((chr(int(hex2 or hex4 or hex8, 16)), False))
+    return chars
+
+
+def _class_matches(chars: list[tuple[str, bool]], negated: str) -> bool:
+    """Whether a character class matches a character other than NUL (`a-z` is a range, as llama.cpp reads it)."""
+    ranges, i = [], 0
+    while i < len(chars):
+        if i + 2 < len(chars) and chars[i + 1][1]:
+            ranges.append((ord(chars[i][0]), ord(chars[i + 2][0])))
+            i += 3
+        else:
+            ranges.append((ord(chars[i][0]),) * 2)
+            i += 1
+    if not negated:
+        return any(high >= max(low, 1) for low, high in ranges)
+    reached = 1  # the first code point after NUL that the ranges so far leave out
+    for low, high in sorted(ranges):
+        if low > reached:
+            break
+        reached = max(reached, high + 1)
+    return reached <= LAST_CODE_POINT
 
 
 def build_sampling(vocab: Vocab, params: SamplingParams, grammar: str | None) -> SlotSampling:
@@ -221,7 +329,7 @@ def build_sampling(vocab: Vocab, params: SamplingParams, grammar: str | None) ->
 def _biases(vocab: Vocab, params: SamplingParams) -> dict[int, float]:
     biases = {token: bias for token, bias in params.logit_bias.items() if 0 <= token < vocab.size}
     if params.ignore_eos:
-        biases.update({token: float("-inf") for token in vocab.eog_ids})
+        biases.update({token: END_OFF for token in vocab.eog_ids})
     return biases
 
 

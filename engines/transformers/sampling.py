@@ -19,6 +19,9 @@ from engines.base import SamplingParams, UnsupportedFeature
 
 # Penalties look back over the last 256 generated tokens, as the llama.cpp engine's do.
 PENALTY_WINDOW = 256
+# `ignore_eos`'s bias: finite, so that where the grammar allows nothing but the end the end is still drawn, as in
+# the llama.cpp engine (with every logit -inf there is no distribution to draw from).
+END_OFF = -1e30
 
 
 class TokenChooser:
@@ -42,7 +45,7 @@ class TokenChooser:
         if any(token < 0 or token >= vocab_size for token in biases):
             raise UnsupportedFeature(f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
         if params.ignore_eos:
-            biases.update({token: float("-inf") for token in eos_ids})
+            biases.update({token: END_OFF for token in eos_ids})
         if not biases:
             return None
         vector = torch.zeros(vocab_size, device=device)
@@ -100,8 +103,11 @@ class TokenChooser:
 
 def json_matcher(tokenizer: llguidance.LLTokenizer, schema: dict) -> llguidance.LLMatcher:
     """A matcher that only lets through JSON valid against `schema`; 400 if the schema is unusable."""
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
-    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    except Exception as exc:  # what llguidance cannot even read is a schema error too, never a 500
+        grammar, error = "", f"{type(exc).__name__}: {str(exc)[:200]}"
     if error:
         raise ValueError(f"unsupported JSON schema: {error}")
     return llguidance.LLMatcher(tokenizer, grammar)

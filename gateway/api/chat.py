@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
+from engines.json_schema import check_schema
 from gateway.api.own_body import OwnBodyRoute, json_body
 from gateway.fallback import dispatch
 from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
@@ -39,11 +41,13 @@ async def create_chat_completion(request: Request):
 
 @local_handler("chat/completions")
 async def serve_locally(engine: Engine, body: ChatCompletionRequest):
+    schema = body.response_format.schema_for_engine() if body.response_format else None
+    if schema is not None:  # checked before any engine converts it; remote providers get it unchanged
+        await asyncio.to_thread(check_schema, schema, "response_format.json_schema.schema")
     messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
     prompt = await engine.render_chat(messages)
     max_tokens = fit_max_tokens(engine, len(prompt.token_ids), body.requested_max_tokens())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    schema = body.response_format.schema_for_engine() if body.response_format else None
     params = body.sampling_params(max_tokens, logprobs, schema)
     merged = merge(start_generations(engine, prompt, params, body.n))
     reply = _ChatReply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids), body.n)
