@@ -29,12 +29,16 @@ def main(argv: list[str] | None = None) -> None:
 def serve(settings: Settings) -> None:
     from gateway.app import create_app
     from gateway.observability import configure_logging
+    from gateway.server import http_protocol
 
     configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=http_protocol(settings),  # httptools with limits on request heads, read timeouts and connections
+        ws="none",  # no WebSocket routes: no upgrade is offered
+        timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]  # uvicorn takes any number
         log_config=None,
         access_log=False,
         proxy_headers=False,  # nothing here reads the client's address: no middleware to rewrite it

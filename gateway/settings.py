@@ -21,6 +21,21 @@ class Settings(BaseSettings):
     registry: Path = Field(PROJECT_ROOT / "configs" / "models.yaml", description="the model registry file")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
+    max_header_bytes: int = Field(
+        65536, ge=1024, description="bytes a request's line and header fields may take before 431"
+    )
+    max_headers: int = Field(100, ge=1, description="header fields a request may carry before 431")
+    header_timeout: float = Field(
+        20, gt=0, description="seconds a client has to send a request head (from connecting, or from the first "
+        "byte of a later request on the connection) before 408 and close"
+    )
+    body_timeout: float = Field(
+        20, gt=0, description="the longest pause, in seconds, while a request body is sent before the connection closes"
+    )
+    keepalive_timeout: float = Field(20, gt=0, description="seconds an idle kept-alive connection stays open")
+    max_connections: int = Field(
+        512, ge=1, description="open client connections; a request on one beyond it gets 503"
+    )
     ctx: int = Field(4096, ge=16, description="context window of each request, in tokens")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     gpu_layers: int = Field(0, ge=-1, description="layers offloaded to the GPU (-1: all)")
