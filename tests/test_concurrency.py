@@ -147,8 +147,9 @@ def test_a_stream_goes_on_while_many_inputs_are_embedded(server):
 
     started, ended, during = asyncio.run(run())
     # Held as one job, the stream got no token until the end. Interleaved, tokens keep coming all through
-    # (how many depends on the machine's speed: 9-15 on the 2-core CI machine with transformers).
+    # (how many depends on the machine's speed: 9-15 on the 2-core CI machine with transformers, 4-5 with vLLM,
+    # whose 48 inputs take about 0.4 s there).
     gaps = [b - a for a, b in zip([started, *during], [*during, ended])]
-    assert len(during) >= 5, f"the stream got {len(during)} tokens while 48 inputs were embedded"
+    assert len(during) >= 3, f"the stream got {len(during)} tokens while 48 inputs were embedded"
     assert max(gaps) < (ended - started) / 3, f"the stream stalled {max(gaps):.2f}s of {ended - started:.2f}s"
     wait_until_idle(server, within=5.0)
