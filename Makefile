@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2
 	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-# Debian's docker-compose validates the compose profiles without a Docker engine (tests/test_deploy.py).
+# Benchmark tools come from apt (bench-overhead): through sudo unless root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 LOAD_TEST_URL ?= http://127.0.0.1:8000/v1
 LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
@@ -27,7 +27,7 @@ LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 ENGINE_SETUP_vllm := setup-vllm models-hf
 ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm models models-hf run test bench bench-vllm bench-overhead bench-memory clean compose-tool load-test
+.PHONY: setup setup-vllm models models-hf run test test-unit bench bench-vllm bench-overhead bench-memory clean compose-tool load-test
 
 setup: $(STAMP) models setup-vllm models-hf
 
@@ -57,13 +57,25 @@ models-hf: $(STAMP) models
 run: $(STAMP) models $(ENGINE_SETUP_$(LLM_ENGINE))
 	$(or $(ENGINE_PYTHON_$(LLM_ENGINE)),$(PY)) -m gateway serve
 
+# Everything: every lane of tests/ on every engine (20-30 min on two cores), the slowest 25 tests listed.
 test: setup compose-tool
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
+# The fast lane (tests/unit/, under a minute): no gateway process, nothing built beyond the venv and model.
+test-unit: $(STAMP) models
+	$(PY) -m pytest -m unit --durations=10
+
+# Debian's docker-compose validates the compose profiles without a Docker engine (tests/operations/test_deploy.py).
+# Installed only when running as root, never through sudo; without it the compose tests skip (fail under CI=true).
 compose-tool:
-	@command -v docker-compose >/dev/null || $(SUDO) apt-get install -y -qq docker-compose >/dev/null 2>&1 \
-		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq docker-compose) >/dev/null 2>&1 \
-		|| echo "docker-compose could not be installed: the compose tests will skip"
+	@if command -v docker-compose >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		{ apt-get install -y -qq docker-compose || { apt-get update -qq && apt-get install -y -qq docker-compose; }; } \
+			>/dev/null 2>&1 || echo "docker-compose could not be installed with apt: the compose tests will skip"; \
+	else \
+		echo "docker-compose is missing and this is not root: install it (apt-get install docker-compose)" \
+			"for the compose tests, which skip without it"; \
+	fi
 
 # Against a running gateway (`make run` in another terminal, or LOAD_TEST_URL=...).
 load-test: setup
@@ -73,7 +85,7 @@ clean:
 	rm -rf $(VENV) $(VLLM_VENV) models .pytest_cache
 
 
-# Benchmarks (docs/BENCHMARKS.md): bench-only packages, and llama-server built once into BENCH_CACHE
+# Benchmarks (docs/benchmarks.md): bench-only packages, and llama-server built once into BENCH_CACHE
 # from the llama.cpp source vendored in the same llama-cpp-python sdist, with the same CPU flags.
 BENCH_CACHE ?= $(HOME)/.cache/llm-gateway
 BENCH_STAMP := $(VENV)/.bench-installed

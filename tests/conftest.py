@@ -2,6 +2,10 @@
 
 The contract suite runs once per engine: the `server` fixture is parametrised over ENGINES (narrow it
 with LLM_TEST_ENGINES=llamacpp,transformers). Only engine-specific facts differ, in `EngineUnderTest`.
+
+Tests live in one folder per purpose, and each folder is a pytest marker of the same name (LANES, applied
+from the path below and registered in pyproject.toml): `pytest -m unit` is the fast lane (`make test-unit`),
+`pytest -m "not engines"` leaves out the slow engine checks.
 """
 
 from __future__ import annotations
@@ -21,6 +25,27 @@ from openai import OpenAI
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 STARTUP_SECONDS = 420  # vLLM on two busy cores spawns its engine processes and loads two models
+# pytest-timeout's limit (pyproject.toml) counts fixture set-up, so a test that may start a vLLM gateway
+# (the engine-parametrised `server` fixture, tests/engines/) gets the start allowance on top of its own time.
+STARTING_TEST_TIMEOUT = STARTUP_SECONDS + 180
+# Cancelled work stops at the engine's next decode step, which a loaded 2-core machine stretches to seconds;
+# the long requests the tests cancel (3000 tokens) would keep an engine busy well past this if they went on.
+IDLE_WITHIN = 10.0
+LANES = ("unit", "contract", "routing", "lifecycle", "engines", "hardening", "operations")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each test gets the marker of its folder (tests/<lane>/...), and a longer timeout where it may start vLLM."""
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS).parts
+        lane = parts[0] if len(parts) > 1 else None
+        if lane in LANES:
+            item.add_marker(getattr(pytest.mark, lane))
+        if ("server" in getattr(item, "fixturenames", ()) or lane == "engines") and not item.get_closest_marker(
+            "timeout"
+        ):
+            item.add_marker(pytest.mark.timeout(STARTING_TEST_TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -115,6 +140,28 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
     raise RuntimeError(f"gateway not ready after {STARTUP_SECONDS}s:\n{server.log()}")
 
 
+def wait_for(condition, within: float, what, interval: float = 0.05):
+    """Polls `condition` until it returns something true, which is returned; after `within` seconds fails
+    with `what` (a string, or a callable for a message made at that moment)."""
+    deadline = time.monotonic() + within
+    while True:
+        if result := condition():
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not within {within}s")
+        time.sleep(interval)
+
+
+def wait_until_idle(server: Server, within: float = IDLE_WITHIN) -> float:
+    """Waits until no engine of `server` runs or queues a request; returns the seconds it took."""
+    started = time.monotonic()
+    wait_for(
+        lambda: all(m["running"] == 0 and m["waiting"] == 0 for m in server.health()["models"]),
+        within, lambda: f"engine still busy: {server.health()['models']}",
+    )  # fmt: skip
+    return time.monotonic() - started
+
+
 def require(engine: EngineUnderTest) -> None:
     """For tests of one engine: skipped when LLM_TEST_ENGINES leaves it out or it is not installed."""
     if engine.name not in SELECTED:
@@ -125,7 +172,7 @@ def require(engine: EngineUnderTest) -> None:
 
 def skip_unless_ci(reason: str) -> None:
     """CI installs every engine and model: there a missing one is a broken set-up, so the test fails."""
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(reason)
     pytest.skip(reason)
 

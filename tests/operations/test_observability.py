@@ -4,12 +4,14 @@ from an engine stuck in one step."""
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import json
 import threading
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
@@ -23,16 +25,18 @@ MAX_TOKENS = 6
 
 
 class Collector(http.server.ThreadingHTTPServer):
-    """A stand-in OTLP/HTTP collector: remembers the path and size of every export it receives."""
+    """A stand-in OTLP/HTTP collector: remembers the path and body of every export it receives."""
 
     def __init__(self):
-        self.exports: list[tuple[str, int]] = []
+        self.exports: list[tuple[str, bytes]] = []
         collector = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                collector.exports.append((self.path, len(body)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                collector.exports.append((self.path, body))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.end_headers()
@@ -158,10 +162,36 @@ def test_one_json_log_line_per_request_without_prompt_or_key(observed):
     assert "llama_model_loader" not in log
 
 
+def _spans(collector) -> list[tuple[str, dict]]:
+    """Every span the collector received: its name and its attributes as plain values."""
+    spans = []
+    for path, body in collector.exports:
+        assert path == "/v1/traces", path
+        export = ExportTraceServiceRequest.FromString(body)
+        for resource in export.resource_spans:
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    attributes = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+                    spans.append((span.name, attributes))
+    return spans
+
+
 def test_traces_reach_the_otlp_collector(observed):
-    server, _, collector = observed
+    server, traffic, collector = observed
     server.stop()  # shutting down flushes the span exporter
-    assert any(path == "/v1/traces" and size > 0 for path, size in collector.exports), collector.exports
+    spans = _spans(collector)
+    known = [attributes for name, attributes in spans if attributes.get("llm.request_id") == "known-1"]
+    assert len(known) == 2, spans
+    for attributes, usage in zip(known, traffic["usages"]):
+        assert attributes["llm.method"] == "POST" and attributes["llm.path"] == "/v1/chat/completions"
+        assert (attributes["llm.status"], attributes["llm.model"]) == (200, MODEL)
+        assert attributes["llm.completion_tokens"] == MAX_TOKENS
+        assert attributes["llm.prompt_tokens"] == usage.prompt_tokens
+    names = {name for name, _ in spans}
+    assert "POST /v1/chat/completions" in names, names
+    assert any(attributes.get("llm.status") == 404 for _, attributes in spans), spans  # the unknown model
+    # a span carries what the access log does, never the prompt or the key
+    assert not any(PROMPT_MARKER.encode() in body or SECRET_KEY.encode() in body for _, body in collector.exports)
 
 
 def test_ready_differs_from_health_while_loading(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, free_port, start_server
+from tests.conftest import MODEL, free_port, start_server, wait_for, wait_until_idle
 from tests.upstream import Upstream
 
 GATEWAY_KEY = "sk-right-key-for-tests"
@@ -151,26 +151,13 @@ def counter(server, name: str, **labels: str) -> float:
 
 def access_line(server, model: str) -> dict:
     """The access-log record of the one request for `model` (written just after its response ended)."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def found() -> list[dict]:
         lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-        found = [line for line in lines if line["logger"] == "gateway.access" and line.get("model") == model]
-        if found or time.monotonic() > deadline:
-            (line,) = found
-            return line
-        time.sleep(0.05)
+        return [line for line in lines if line["logger"] == "gateway.access" and line.get("model") == model]
 
-
-def wait_idle(server, within: float) -> None:
-    """Wait for the engine to drop cancelled work: at its next decode step, which a loaded 2-core machine
-    can stretch to seconds; 3000 tokens would still be running for minutes if the work went on."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        engines = server.health()["models"]
-        if all(e["running"] == 0 and e["waiting"] == 0 for e in engines):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engine still busy after {within}s: {server.health()['models']}")
+    (line,) = wait_for(found, 10, f"no access-log line for {model}")
+    return line
 
 
 # ---- names ------------------------------------------------------------------------------------------
@@ -292,7 +279,7 @@ def test_timeout_gives_504_and_frees_the_engine(client, routed):
     assert error.value.status_code == 504
     assert error.value.response.headers["x-llm-target"] == "local"
     assert time.monotonic() - started < 10
-    wait_idle(routed, within=10.0)
+    wait_until_idle(routed)
     response = httpx.post(
         routed.v1 + "/chat/completions",
         json={"model": "local-only", "messages": [{"role": "user", "content": "hi"}], **LONG},
@@ -301,7 +288,7 @@ def test_timeout_gives_504_and_frees_the_engine(client, routed):
     )  # fmt: skip
     assert (response.status_code, response.headers["x-llm-target"]) == (504, "local")
     assert response.json()["error"]["type"] == "timeout_error"
-    wait_idle(routed, within=10.0)
+    wait_until_idle(routed)
 
 
 def test_a_stalled_local_engine_is_passed_over_for_the_next_target(tmp_path, upstream):
@@ -356,7 +343,7 @@ def test_a_deadline_passing_mid_stream_ends_it_with_a_timeout_event_and_frees_th
     assert any('"content":"' in event for event in events[:-2])
     assert json.loads(events[-2])["error"]["type"] == "timeout_error"
     assert events[-1] == "[DONE]"
-    wait_idle(routed, within=10.0)
+    wait_until_idle(routed)
 
 
 def test_a_client_too_slow_to_send_its_body_gets_408(routed):
@@ -408,7 +395,7 @@ def test_disconnect_frees_the_local_engine_and_the_upstream(routed, peer):
             lines = response.iter_lines()
             assert any(next(lines).startswith("data: ") for _ in range(6))
             assert engine_host.health()["models"][0]["running"] == 1
-        wait_idle(engine_host, within=10.0)
+        wait_until_idle(engine_host)
 
 
 def test_full_queue_gives_503_or_the_next_target(client, routed):
@@ -421,7 +408,7 @@ def test_full_queue_gives_503_or_the_next_target(client, routed):
         assert error.value.code == "engine_overloaded"
         assert "retry-after" in error.value.response.headers
         assert ask(client, MODEL)[0]["x-llm-target"] == "peer"
-    wait_idle(routed, within=10.0)
+    wait_until_idle(routed)
 
 
 # ---- what only remote providers can do ----------------------------------------------------------------

@@ -10,20 +10,10 @@ import httpx
 from openai import AsyncOpenAI
 
 from gateway.settings import Settings
-from tests.conftest import MODEL
+from tests.conftest import MODEL, wait_until_idle
 
 # Distinct single tokens of the SmolLM2 vocabulary; a +100 bias makes a request emit only its own token.
 TOKENS = [330, 355, 1170, 2330, 3441, 4620, 6097, 8899]
-
-
-def wait_until_idle(server, within: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        engine = server.health()["models"][0]
-        if engine["running"] == 0 and engine["waiting"] == 0:
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"engine still busy after {within}s: {server.health()}")
 
 
 def test_eight_concurrent_requests_do_not_cross(server):
@@ -67,7 +57,7 @@ def test_disconnect_mid_stream_frees_the_engine(server):
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
         assert server.health()["models"][0]["running"] == 1
-    wait_until_idle(server, within=2.0)  # 3000 tokens would take ~30 s if the work went on
+    wait_until_idle(server)  # the 3000 tokens would keep it busy far longer if the work went on
     reply = server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
     )
@@ -84,7 +74,7 @@ def test_disconnect_while_waiting_for_a_full_answer_frees_the_engine(server):
         raise AssertionError("a 3000-token answer should not arrive within a second")
     except httpx.ReadTimeout:
         pass  # the client gives up and closes the connection
-    wait_until_idle(server, within=2.0)
+    wait_until_idle(server)
 
 
 def test_streams_that_lose_their_clients_give_back_every_slot(server):
@@ -152,4 +142,4 @@ def test_a_stream_goes_on_while_many_inputs_are_embedded(server):
     gaps = [b - a for a, b in zip([started, *during], [*during, ended])]
     assert len(during) >= 3, f"the stream got {len(during)} tokens while 48 inputs were embedded"
     assert max(gaps) < (ended - started) / 3, f"the stream stalled {max(gaps):.2f}s of {ended - started:.2f}s"
-    wait_until_idle(server, within=5.0)
+    wait_until_idle(server)

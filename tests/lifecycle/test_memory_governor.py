@@ -9,7 +9,7 @@ import httpx
 import yaml
 
 from tests.conftest import start_server
-from tests.test_model_lifecycle import chat, model_file, model_state
+from tests.lifecycle.test_model_lifecycle import chat, model_file, model_state
 
 MiB = 1 << 20
 

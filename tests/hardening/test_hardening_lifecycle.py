@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ENGINES, MODEL, require, start_server
+from tests.conftest import ENGINES, MODEL, require, start_server, wait_for
 
 CTX = 16384
 # 81 bytes, one token each (SmolLM2's longest piece: a newline and 80 spaces), and the slowest text to tokenize
@@ -79,10 +79,7 @@ def unload_until_done(server, thread: threading.Thread) -> list[tuple[float, htt
 
 
 def wait_until_unloaded(server) -> None:
-    deadline = time.monotonic() + 30
-    while model_state(server) != "unloaded":
-        assert time.monotonic() < deadline, "not unloaded once idle"
-        time.sleep(0.05)
+    wait_for(lambda: model_state(server) == "unloaded", 30, "not unloaded once idle")
 
 
 def assert_model_busy(response: httpx.Response) -> None:

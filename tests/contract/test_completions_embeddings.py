@@ -52,10 +52,32 @@ def test_completion_token_prompt_and_logprobs(client):
     assert logprobs.text_offset[0] == 0
 
 
+COUNT = dict(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0)
+
+
 def test_completion_stop(client):
-    reply = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 9"])
-    assert reply.choices[0].finish_reason == "stop"
-    assert " 9" not in reply.choices[0].text
+    # Greedy, the model counts on (" 6, 7, 8, 9, 10, ..."), EOS ignored: the stop text does come, so a
+    # stop that ends the answer is seen to cut it there, not merely an answer that ended anyway.
+    full = client.completions.create(extra_body={"ignore_eos": True}, **COUNT).choices[0].text
+    assert " 9" in full, full
+    cut = full[: full.index(" 9")]
+    reply = client.completions.create(stop=["never-seen-stop", " 9"], **COUNT)
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (cut, "stop")
+    chunks = list(client.completions.create(stop=" 9", stream=True, **COUNT))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+@pytest.mark.parametrize(
+    "penalty", [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.5}}]
+)
+def test_penalties_change_a_repetitive_greedy_answer(client, penalty):
+    """Counting repeats ", " every other token: a strong penalty on repeats moves the greedy answer off it."""
+    plain = client.completions.create(extra_body={"ignore_eos": True}, **{**COUNT, "max_tokens": 24})
+    extra = {"ignore_eos": True, **penalty.get("extra_body", {})}
+    kwargs = {key: value for key, value in penalty.items() if key != "extra_body"}
+    penalised = client.completions.create(extra_body=extra, **kwargs, **{**COUNT, "max_tokens": 24})
+    assert penalised.choices[0].text != plain.choices[0].text, plain.choices[0].text
 
 
 def test_embeddings_float_and_base64_agree(server, client):

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from tests.conftest import MODEL, start_server
-from tests.test_model_lifecycle import SMALL, model_file
-from tests.test_routing import upstream  # noqa: F401 (a fixture: the misbehaving upstream of tests/upstream.py)
+from tests.lifecycle.test_model_lifecycle import SMALL, model_file
+from tests.routing.test_routing import upstream  # noqa: F401 (a fixture: the misbehaving upstream of tests/upstream.py)
 
 USER_KEY = "sk-user-key"
 CONFIG_ADMIN_KEY = "sk-config-admin"
