@@ -16,7 +16,7 @@ The rules that keep one client's answer from reaching another, and a provider fr
   Content-Encoding is refused rather than relayed undecoded.
 
 Why not aiohttp's client: it took twice the CPU per request (`scripts/bench_http_client.py`), and was most of
-a relayed request's cost (docs/BENCHMARKS.md, benchmark 3).
+a relayed request's cost (docs/benchmarks.md, benchmark 3).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ request), repeated, against one running server; prints TTFT percentiles, the bur
 
     python scripts/bench_bursts.py http://127.0.0.1:8000 --streams 16 --bursts 6 --pid 1234
 
-It measures one server at a time; run it against each peer in turn (docs/BENCHMARKS.md, benchmark 1, GPU).
+It measures one server at a time; run it against each peer in turn (docs/benchmarks-history.md, benchmark 1, GPU).
 """
 
 from __future__ import annotations

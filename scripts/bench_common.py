@@ -1,5 +1,5 @@
 """What every benchmark script shares: starting servers as subprocesses, statistics, and writing the
-JSON result plus the Markdown table that docs/BENCHMARKS.md quotes."""
+JSON result plus the Markdown table that docs/benchmarks.md quotes."""
 
 from __future__ import annotations
 

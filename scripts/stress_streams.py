@@ -8,7 +8,7 @@ Two targets:
                 runs past --stuck-after is printed with its batch: (sequence, first position, tokens) per group
 
 Run it from a checkout's root: the engine mode imports that checkout's `engines`. On an H200 both targets
-found a step that never finished while CUDA graphs were on (docs/BENCHMARKS.md, benchmark 1, GPU).
+found a step that never finished while CUDA graphs were on (docs/benchmarks-history.md, benchmark 1, GPU).
 """
 
 from __future__ import annotations

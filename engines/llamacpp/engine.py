@@ -58,7 +58,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         # never finished (the engine thread waiting in cudaStreamSynchronize for as long as it was
         # watched, its requests answered 504), and llama-server from the same build hung the same way. With
         # them off, 478 rounds of that traffic all finished, for about 10 % less throughput at one to four
-        # streams (docs/BENCHMARKS.md). ggml reads the variable once, before the first graph runs.
+        # streams (docs/benchmarks-history.md). ggml reads the variable once, before the first graph runs.
         os.environ.setdefault("GGML_CUDA_DISABLE_GRAPHS", "1")
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -127,7 +127,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             # sent together reach the GPU machine within two loop iterations, but the 2-core CPU machine up to
             # a millisecond apart; there the first one waits 3 ms for the others when the engine is idle (an
             # A/B against llama-server: the median throughput ratio went from 0.94 to 1.00 at 4 streams and
-            # from 1.00 to 1.08 at 16; docs/BENCHMARKS.md).
+            # from 1.00 to 1.08 at 16; docs/benchmarks-history.md).
             gather_for=0.0 if config.gpu_layers != 0 else CPU_GATHER_S,
         )
 

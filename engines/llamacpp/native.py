@@ -65,7 +65,7 @@ def native_logs_while_loading() -> Iterator[None]:
     """llama.cpp's log lines reach Python logging while a model loads (what was loaded, and why it failed);
     after that they are dropped in C unless the gateway logs at debug level. A Python callback takes the
     GIL for every line, and CUDA builds log one on every decode step ("CUDA Graph id ... reused"): on an
-    H100 the engine thread spent a quarter of its time waiting for the GIL there (docs/BENCHMARKS.md)."""
+    H100 the engine thread spent a quarter of its time waiting for the GIL there (docs/benchmarks-history.md)."""
     llama_cpp.llama_log_set(_log_to_python, ctypes.c_void_p(0))
     try:
         yield
@@ -413,7 +413,7 @@ class Batch:
 
     Filling it a token at a time through the ctypes fields took about 2 µs a token: 1 ms of Python inside
     every 512-token prefill step on the 2-core CI machine. A run is a few slice assignments instead (46 µs for
-    512 tokens); a 16-request burst's first token on an H200 came 2-5 ms sooner (docs/BENCHMARKS.md). Each
+    512 tokens); a 16-request burst's first token on an H200 came 2-5 ms sooner (docs/benchmarks-history.md). Each
     token belongs to one sequence: `seq_id[i]` points at `_seq[i]`."""
 
     def __init__(self, capacity: int):
