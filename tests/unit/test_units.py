@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from pathlib import Path
 
 import pytest
-
-import asyncio
 
 from engines.base import SamplingParams
 from engines.llamacpp.scheduler import Sequence, _batch_order
@@ -169,13 +169,19 @@ def test_llama_cpp_logs_reach_python_only_while_a_model_loads(caplog):
             assert load_vocab() == 0
 
 
-def test_the_sse_send_we_override_is_one_sse_starlette_calls():
+def test_the_sse_internals_the_stream_uses_are_still_there():
+    """_EventStream runs sse-starlette's own pieces under plain tasks (gateway/generation.py): if a release
+    renames or drops one, this fails here rather than as broken streams (pyproject.toml bounds the version)."""
     from sse_starlette import EventSourceResponse
 
     from gateway.generation import _EventStream
 
     assert "_send_with_timeout" in vars(EventSourceResponse)  # else the override below changes nothing
     assert "_send_with_timeout" in vars(_EventStream)
+    for method in ("_stream_response", "_ping"):
+        assert inspect.iscoroutinefunction(getattr(EventSourceResponse, method)), method
+    response = EventSourceResponse(iter(()), ping=1)
+    assert {"body_iterator", "raw_headers", "_send_lock"} <= set(vars(response)) and response.ping_interval == 1
 
 
 def test_a_streaming_response_shares_nothing_mutable_with_its_template():
