@@ -17,9 +17,15 @@ from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
 from gateway.api.own_body import BodyGuard, OwnBodyLane, include_body_schemas
-from gateway.config import GatewayConfig, RetryPolicy, env_api_keys, load_config, simple_config
-from gateway.config import LocalTarget as LocalConfig
-from gateway.config import RemoteTarget as RemoteConfig
+from gateway.config import (
+    GatewayConfig,
+    LocalTargetConfig,
+    RemoteTargetConfig,
+    RetryPolicy,
+    env_api_keys,
+    load_config,
+    simple_config,
+)
 from gateway.download import ModelDownload
 from gateway.errors import install_error_handlers
 from gateway.lifecycle import ManagedModel, ModelManager
@@ -30,7 +36,7 @@ from gateway.protocol import apply_limits
 from gateway.routing import ModelRouter
 from gateway.security import ApiKeyMiddleware, KeyRing
 from gateway.settings import Settings
-from gateway.targets import Breaker, LocalTarget, RemoteTarget
+from gateway.targets import Breaker, LocalHandler, LocalTarget, RemoteTarget
 from gateway.upstream import Limits, create_http_client
 
 
@@ -41,6 +47,14 @@ class GatewayApp(FastAPI):
         and model endpoints get their own lane."""
         starlette_stack = super().build_middleware_stack()
         return RequestIdMiddleware(ApiKeyMiddleware(BodyGuard(OwnBodyLane(starlette_stack, self.routes))))
+
+
+# How a local model answers each model endpoint: the protocol front ends' own serving functions.
+LOCAL_HANDLERS: dict[str, LocalHandler] = {
+    "chat/completions": chat.serve_locally,
+    "completions": completions.serve_locally,
+    "embeddings": embeddings.serve_locally,
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -69,7 +83,7 @@ def _memory_gauges(app: FastAPI) -> dict[str, float]:
             "pressure_ratio": state["used_bytes"] / state["budget_bytes"]}  # fmt: skip
 
 
-def resolve_local(settings: Settings, registry: ModelRegistry, target: LocalConfig,
+def resolve_local(settings: Settings, registry: ModelRegistry, target: LocalTargetConfig,
                   ) -> tuple[ResolvedModel, Callable | None]:  # fmt: skip
     """A local target's file and public name, and for the default model (a target without its own
     `model`) with LLM_MODEL_URL set, how to fetch that file first."""
@@ -99,7 +113,7 @@ def embedding_model(settings: Settings) -> str | None:
     return None if name == "none" else name
 
 
-def engine_config(settings: Settings, target: LocalConfig, resolved: ResolvedModel) -> EngineConfig:
+def engine_config(settings: Settings, target: LocalTargetConfig, resolved: ResolvedModel) -> EngineConfig:
     """A local target's engine options: the target's own, else the LLM_* settings."""
 
     def pick(value, default):
@@ -122,7 +136,7 @@ def engine_config(settings: Settings, target: LocalConfig, resolved: ResolvedMod
 def gateway_config(settings: Settings, registry: ModelRegistry) -> GatewayConfig:
     if settings.config is not None:
         return load_config(settings.config)
-    resolved, _ = resolve_local(settings, registry, LocalConfig(type="local"))
+    resolved, _ = resolve_local(settings, registry, LocalTargetConfig(type="local"))
     return simple_config(settings, resolved.served_name, embedding_model(settings))
 
 
@@ -136,7 +150,7 @@ def memory_governor(settings: Settings) -> MemoryGovernor:
 
 
 def managed_model(settings: Settings, registry: ModelRegistry, manager: ModelManager,
-                  target: LocalConfig) -> ManagedModel:  # fmt: skip
+                  target: LocalTargetConfig) -> ManagedModel:  # fmt: skip
     resolved, prepare = resolve_local(settings, registry, target)
     config = engine_config(settings, target, resolved)
     engine_name = target.engine or settings.engine
@@ -154,7 +168,7 @@ async def _lifespan(app: FastAPI):
     config = gateway_config(settings, registry)
     app.state.retry = config.retry
     app.state.keys = KeyRing(config.api_keys + env_api_keys(settings))
-    needs_http = any(isinstance(t, RemoteConfig) for t in config.targets.values())
+    needs_http = any(isinstance(t, RemoteTargetConfig) for t in config.targets.values())
     limits = Limits(settings.upstream_max_body_bytes, settings.upstream_max_line_bytes)
     http = create_http_client(settings.http_client, limits) if needs_http else None
     manager = ModelManager(
@@ -163,10 +177,10 @@ async def _lifespan(app: FastAPI):
     targets: dict = {}
     for name, target in config.targets.items():
         breaker = Breaker(config.retry.failures_to_cool, config.retry.cooldown)
-        if isinstance(target, LocalConfig):
+        if isinstance(target, LocalTargetConfig):
             model = managed_model(settings, registry, manager, target)
             manager.add(model)
-            targets[name] = LocalTarget(name, model, breaker)
+            targets[name] = LocalTarget(name, model, LOCAL_HANDLERS, breaker)
         else:
             targets[name] = RemoteTarget(name, target, http, breaker)
     app.state.router = ModelRouter(targets, config.routes())
@@ -177,7 +191,7 @@ async def _lifespan(app: FastAPI):
     # them, meanwhile); the others load on first use.
     preloaded = [app.state.default_model, *(m for m in [embedding_model(settings)] if m in config.models)]
     chains = [app.state.router.resolve(name).targets for name in preloaded]
-    tasks = [asyncio.create_task(_preload(t.engine)) for c in chains for t in c if isinstance(t, LocalTarget)]
+    tasks = [asyncio.create_task(_preload(t.model)) for c in chains for t in c if isinstance(t, LocalTarget)]
     tasks.append(asyncio.create_task(manager.run_sweeper()))
     gc.collect()
     gc.freeze()

@@ -21,7 +21,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LocalTarget(Strict):
+class LocalTargetConfig(Strict):
     """A model served by an in-process engine; unset fields take the LLM_* settings."""
 
     type: Literal["local"]
@@ -37,7 +37,7 @@ class LocalTarget(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class RemoteTarget(Strict):
+class RemoteTargetConfig(Strict):
     """An OpenAI-compatible HTTP endpoint: OpenAI, Together, Cerebras, vLLM, llama-server, a gateway."""
 
     type: Literal["openai"]
@@ -78,7 +78,7 @@ def _one_line(what: str, text: str) -> str:
     return text
 
 
-TargetConfig = Annotated[LocalTarget | RemoteTarget, Field(discriminator="type")]
+TargetConfig = Annotated[LocalTargetConfig | RemoteTargetConfig, Field(discriminator="type")]
 
 
 class PublicModel(Strict):

@@ -39,8 +39,8 @@ class ModelRouter:
         """"ready" when the model can be served now: a remote target, or a local model that has loaded (if
         since unloaded for idleness, its next request loads it again), in its chain; otherwise the state of
         its first local model ("loading", "failed")."""
-        states = [t.engine.readiness() if isinstance(t, LocalTarget) else "ready" for t in self.resolve(model).targets]
+        states = [t.model.readiness() if isinstance(t, LocalTarget) else "ready" for t in self.resolve(model).targets]
         return "ready" if "ready" in states else states[0]
 
     def engines(self) -> list[Engine]:
-        return [t.engine for t in self._targets.values() if isinstance(t, LocalTarget)]
+        return [t.model for t in self._targets.values() if isinstance(t, LocalTarget)]

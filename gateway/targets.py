@@ -12,13 +12,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Mapping
 
 from pydantic import BaseModel
 from pydantic_core import to_json
 
 from engines.base import Engine, EngineError, EngineOverloaded
-from gateway.config import RemoteTarget as RemoteConfig
+from gateway.config import RemoteTargetConfig
 from gateway.errors import APIError, from_engine_error, invalid_param
 from gateway.generation import primed
 from gateway.lifecycle import ManagedModel
@@ -96,36 +96,27 @@ class Breaker:
         }
 
 
-# Endpoint -> how a local engine answers it; the api modules register theirs.
+# How a local model answers one endpoint (the api modules' `serve_locally`); the app factory wires them by endpoint.
 LocalHandler = Callable[[Engine, ModelRequest], Awaitable[BaseModel | AsyncIterator[str]]]
-LOCAL_HANDLERS: dict[str, LocalHandler] = {}
-
-
-def local_handler(endpoint: str) -> Callable[[LocalHandler], LocalHandler]:
-    def register(handler: LocalHandler) -> LocalHandler:
-        LOCAL_HANDLERS[endpoint] = handler
-        return handler
-
-    return register
 
 
 class LocalTarget:
     kind = "local"
 
-    def __init__(self, name: str, engine: ManagedModel, breaker: Breaker):
-        self.name, self.engine, self.breaker = name, engine, breaker
+    def __init__(self, name: str, model: ManagedModel, handlers: Mapping[str, LocalHandler], breaker: Breaker):
+        self.name, self.model, self.handlers, self.breaker = name, model, handlers, breaker
 
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
         if (param := body.unsupported_locally()) is not None:
             raise CapabilityMismatch(param, self.name)
-        if self.engine.readiness() == "stalled":
+        if self.model.readiness() == "stalled":
             # It would wait behind a step that may never end, past its deadline, with no time left to fall back.
             raise TargetFailure(self._stalled(), retry_here=False, unhealthy=True)
         # Held from the first engine call (rendering, tokenizing) until the handler returns; a stream's own hold
         # (ManagedModel.generate) begins before that, with its first delta, and lasts until it is closed.
-        with self.engine.serving():
+        with self.model.serving():
             try:
-                result = await LOCAL_HANDLERS[endpoint](self.engine, body)
+                result = await self.handlers[endpoint](self.model, body)
             except EngineError as error:
                 raise self._failure(error) from error
         if isinstance(result, BaseModel):
@@ -135,7 +126,7 @@ class LocalTarget:
     def _stalled(self) -> APIError:
         return APIError(
             503, f"Target '{self.name}' is stalled: its engine has been inside one step for "
-            f"{self.engine.info().busy_s:.0f} s.", type="server_error", code="model_stalled",
+            f"{self.model.info().busy_s:.0f} s.", type="server_error", code="model_stalled",
         )  # fmt: skip
 
     @staticmethod
@@ -147,13 +138,13 @@ class LocalTarget:
         return TargetFailure(api_error, retry_here=False, unhealthy=not isinstance(error, EngineOverloaded))
 
     def health(self) -> dict:
-        return {"type": self.kind, "engine": self.engine.name, **self.breaker.health()}
+        return {"type": self.kind, "engine": self.model.name, **self.breaker.health()}
 
 
 class RemoteTarget:
     kind = "openai"
 
-    def __init__(self, name: str, config: RemoteConfig, client: HttpClient, breaker: Breaker):
+    def __init__(self, name: str, config: RemoteTargetConfig, client: HttpClient, breaker: Breaker):
         self.name, self.config, self.client, self.breaker = name, config, client, breaker
         self.base_url = config.base_url.rstrip("/")
         key = config.api_key()  # read once at start-up: a missing variable stops it there

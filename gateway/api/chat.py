@@ -27,7 +27,6 @@ from gateway.protocol import (
     new_id,
     now,
 )
-from gateway.targets import local_handler
 
 router = APIRouter(route_class=OwnBodyRoute)
 
@@ -39,7 +38,6 @@ async def create_chat_completion(request: Request):
     return await dispatch(request, "chat/completions", ChatCompletionRequest)
 
 
-@local_handler("chat/completions")
 async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     schema = body.response_format.schema_for_engine() if body.response_format else None
     if schema is not None:  # checked before any engine converts it; remote providers get it unchanged

@@ -20,7 +20,6 @@ from gateway.protocol import (
     new_id,
     now,
 )
-from gateway.targets import local_handler
 
 router = APIRouter(route_class=OwnBodyRoute)
 
@@ -30,7 +29,6 @@ async def create_completion(request: Request):
     return await dispatch(request, "completions", CompletionRequest)
 
 
-@local_handler("completions")
 async def serve_locally(engine: Engine, body: CompletionRequest):
     prompts = [await engine.encode_prompt(p) for p in body.prompts()]
     budgets = [fit_max_tokens(engine, len(p.token_ids), body.max_tokens, param="prompt") for p in prompts]

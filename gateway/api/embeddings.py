@@ -13,7 +13,6 @@ from gateway.errors import invalid_param
 from gateway.fallback import dispatch
 from gateway.observability import current_request
 from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from gateway.targets import local_handler
 
 router = APIRouter(route_class=OwnBodyRoute)
 
@@ -23,7 +22,6 @@ async def create_embeddings(request: Request):
     return await dispatch(request, "embeddings", EmbeddingRequest)
 
 
-@local_handler("embeddings")
 async def serve_locally(engine: Engine, body: EmbeddingRequest) -> EmbeddingResponse:
     native = engine.info().embedding_dimensions
     if body.dimensions is not None and body.dimensions != native:

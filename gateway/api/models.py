@@ -57,7 +57,7 @@ def _local_model(request: Request, model_id: str) -> ManagedModel:
     if model is not None:
         return model
     route = request.app.state.router.resolve(model_id)  # 404 model_not_found when unknown
-    local = next((t.engine for t in route.targets if isinstance(t, LocalTarget)), None)
+    local = next((t.model for t in route.targets if isinstance(t, LocalTarget)), None)
     if local is None:
         raise invalid_param("model", f"Model '{model_id}' is served by remote targets only; nothing to load.")
     return local
