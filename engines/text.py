@@ -3,9 +3,9 @@ stream of text pieces."""
 
 from __future__ import annotations
 
-# Hugging Face's tokenizers take tens of µs for a prompt, and a hop to a worker thread ~80 µs on the 2-core CI
-# machine: texts up to this size are tokenized in place. (llama.cpp's tokenizer is slower, 150-900 µs for a
-# 235-character prompt: the llama.cpp engine tokenizes on threads, and a burst's hand-over waits for them.)
+# Texts up to this size are tokenized in place: Hugging Face's tokenizers take less for them than a hop to a
+# worker thread. (llama.cpp's tokenizer is slower: the llama.cpp engine tokenizes on threads, and a burst's
+# hand-over waits for them.)
 INLINE_TOKENIZE_CHARS = 1024
 
 

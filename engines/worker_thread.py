@@ -125,7 +125,7 @@ class WorkerThread:
 
     async def call_each(self, fn: Callable[[Any], Any], items: list) -> list:
         """`fn(item)` for every item, one job at a time, so the running sequences' steps go on in between: as
-        one job, 256 inputs to embed held every stream on a 2-core machine for 20 s."""
+        one job, a large embedding input would hold every stream until it was done."""
         return [await self.call(functools.partial(fn, item)) for item in items]
 
     def wake(self) -> None:
@@ -166,8 +166,8 @@ class WorkerThread:
         return True
 
     def _timed(self, work: Callable[..., Any], *args) -> Any:
-        """Runs a step or job, for `busy_seconds`. A plain call: a context manager cost 10-20 µs per step on the
-        2-core CI machine, right after a decode."""
+        """Runs a step or job, for `busy_seconds`. A plain call: a context manager costs noticeably per step,
+        right after a decode."""
         self._busy_since = time.monotonic()
         try:
             return work(*args)

@@ -69,7 +69,7 @@ async def dispatch(request: Request, endpoint: str, request_type: type[ModelRequ
 
 async def _read_body(request: Request, request_type: type[ModelRequest], alarm: Alarm) -> ModelRequest:
     """The validated body; 408 when the client is too slow to send it. (Parsed here rather than by FastAPI,
-    whose body handling took more CPU than the rest of a relayed request.)"""
+    whose body handling is costly: docs/design/own-body-lane.md.)"""
     try:
         return request_type.parse(await alarm.wait(_receive_body(request.receive)))
     except TimeoutError:
@@ -78,7 +78,7 @@ async def _read_body(request: Request, request_type: type[ModelRequest], alarm: 
 
 async def _receive_body(receive: Receive) -> bytes:
     """The request's body, from its ASGI messages, at most LLM_MAX_BODY_BYTES long (`BodyGuard` has checked its
-    declared length, or counts what arrives). (Starlette's `Request.body` took eight times as long.)"""
+    declared length, or counts what arrives). (Starlette's `Request.body` is much slower.)"""
     chunks = []
     while True:
         message = await receive()
@@ -205,7 +205,7 @@ class _Chain:
         raise self._exhausted(last)
 
     async def _with_retries(self, target: Target) -> Outcome:
-        # Most requests succeed at once: only a retryable failure pays for tenacity (~25 µs a call).
+        # Most requests succeed at once: only a retryable failure pays for tenacity's set-up.
         try:
             return await self._attempt(target)
         except TargetFailure as failure:

@@ -131,8 +131,8 @@ def start_generations(engine: Engine, prompt: Prompt, params: SamplingParams, n:
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
     """Run `work` unless the client goes away first; then cancel it, which frees the engine.
 
-    The watch starts WATCH_AFTER seconds in: most answers come sooner (a relayed one in a millisecond), and
-    a watcher task for each of those was 4 % of a relayed request's CPU. A client gone by then is still seen.
+    The watch starts WATCH_AFTER seconds in: most answers come sooner, and a watcher task for each of those
+    would be a noticeable share of a relayed request's CPU. A client gone by then is still seen.
     """
     serving = asyncio.current_task()
     watcher: asyncio.Task | None = None
@@ -186,8 +186,8 @@ class Reply:
     def text_chunk(self, index: int, text: str) -> str:
         """The chunk of a delta that carries text only (most of a stream). Its JSON is rendered once per choice
         by the wire model, with a placeholder for the text, and each token's chunk is that text's JSON between
-        the two halves: building and dumping two models per token took ~100 of the ~450 µs of event-loop CPU
-        per streamed token on the 2-core CI machine."""
+        the two halves: building and dumping two models per token was a large share of the event loop's work
+        per streamed token (docs/design/sse-splice.md)."""
         halves = self._text_halves.get(index)
         if halves is None:
             rendered = self.render_text_chunk(index, TEXT_PLACEHOLDER)
@@ -254,15 +254,15 @@ def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = No
 class _EventStream(EventSourceResponse):
     """sse-starlette's response (its headers, its stream with the clean-up on failure, its pings and its
     disconnect watch) run under plain asyncio tasks. Its own `__call__` starts an anyio task group of four
-    tasks, which cost 385 µs per stream on the 2-core CI machine, more than a whole relayed request; its
+    tasks per stream, which costs more than a whole relayed request (docs/design/sse-splice.md); its
     fourth task ends streams at server shutdown, which uvicorn's graceful shutdown does here instead."""
 
     @classmethod
     def streaming(cls, events: AsyncIterator[bytes], headers: dict[str, str]) -> _EventStream:
         """A copy of one response made per set of headers, with its own events, headers list and send lock.
-        sse-starlette's constructor builds the headers and an anyio lock each time: a fifth of the Python work
-        between a stream's first token and its first byte on the wire. (tests/test_units.py checks that a copy
-        shares nothing mutable with its template.)"""
+        sse-starlette's constructor builds the headers and an anyio lock each time, between a stream's first
+        token and its first byte on the wire. (tests/unit/test_units.py checks that a copy shares nothing
+        mutable with its template.)"""
         template = _template(tuple(headers.items()))
         stream = copy.copy(template)
         stream.body_iterator, stream.raw_headers, stream._send_lock = events, list(template.raw_headers), asyncio.Lock()
@@ -294,7 +294,7 @@ class _EventStream(EventSourceResponse):
 
     async def _send_with_timeout(self, send, message) -> None:
         """Without the per-send timeout, which we never set: it still opened an anyio cancel scope around
-        every event, about a quarter of the Python work per streamed token."""
+        every event, per streamed token."""
         await send(message)
 
 

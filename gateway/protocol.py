@@ -158,8 +158,8 @@ TokenId = Annotated[int, Field(ge=0)]
 class ModelRequest(Request):
     """A request the gateway routes by its `model` to a chain of targets."""
 
-    # The JSON body as the client sent it, set by `parse`: a slot, as a pydantic private attribute took
-    # 5 µs a request to set up.
+    # The JSON body as the client sent it, set by `parse`: a slot, as a pydantic private attribute costs a
+    # set-up per request.
     __slots__ = ("_sent",)
 
     model: str
@@ -191,7 +191,7 @@ class ModelRequest(Request):
 
     def as_sent(self) -> dict[str, Any]:
         """The body as the client sent it, less the gateway's own `timeout`: what a remote provider gets.
-        (Decoding the body again takes a fifth of the time of dumping the model.)"""
+        (Decoding the body again is cheaper than dumping the model.)"""
         fields = from_json(self._sent)
         fields.pop("timeout", None)
         return fields
@@ -566,8 +566,7 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _reject_unknown(self):
         _reject_extra_fields(self)
-        # Only a list is scanned: walking a string prompt character by character held the event loop for 7 ms
-        # per 100,000 characters.
+        # Only a list is scanned: walking a string prompt character by character would hold the event loop.
         if self.prompt == [] or (isinstance(self.prompt, list) and any(p == [] for p in self.prompt)):
             raise invalid_param("prompt", "The prompt must not be empty.")
         sequences = len(self.prompts()) * self.n

@@ -2,7 +2,7 @@
 
 Remote targets only call `HttpClient.post` and read the `UpstreamResponse` it yields, so the library
 behind it can change without touching routing. Implementations are picked by name (LLM_HTTP_CLIENT);
-docs/benchmarks.md has the relay overhead measured for each. All three behave alike:
+docs/design/http1-client.md compares their CPU per request. All three behave alike:
 - A response is bounded (`Limits`: a body read whole, a line of a stream); beyond, UpstreamUnavailable (502).
 - They ask for `Accept-Encoding: identity`, decode gzip and deflate if sent anyway, and refuse any other
   Content-Encoding (502) rather than relay an undecoded body.
@@ -119,7 +119,7 @@ class HttpxClient:
 
 
 class AiohttpClient:
-    """aiohttp's client: less CPU per request than httpx (docs/benchmarks.md), same behaviour."""
+    """aiohttp's client: less CPU per request than httpx, same behaviour."""
 
     def __init__(self, limits: Limits = Limits()) -> None:
         connector = aiohttp.TCPConnector(limit=POOL_CONNECTIONS, keepalive_timeout=30)
@@ -142,7 +142,7 @@ class AiohttpClient:
 
 
 class Http1Client:
-    """`gateway.http1`: the least CPU and time per relayed request of the three (docs/benchmarks.md)."""
+    """`gateway.http1`: the least CPU and time per relayed request of the three (docs/design/http1-client.md)."""
 
     def __init__(self, limits: Limits = Limits()) -> None:
         self._pool = http1.Pool(POOL_CONNECTIONS, limits)
@@ -193,7 +193,7 @@ class _EnvironmentProxies:
 
 class _Exchange:
     """A client's POST context with its failures as UpstreamUnavailable, on the way in or while the body is
-    read. (A class: a generator-based context manager cost four times as much.)"""
+    read. (A class: a generator-based context manager costs more per request.)"""
 
     def __init__(self, request, wrap: Callable, failures: _Failures):
         self._request, self._wrap, self._failures = request, wrap, failures

@@ -54,10 +54,8 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         config = self.config
         if not os.path.isfile(config.model_path):
             raise FileNotFoundError(f"model file not found: {config.model_path}")
-        # CUDA graphs off. With them on, on an H200, a step holding several prompts' chunks now and then
-        # never finished (the engine thread waiting in cudaStreamSynchronize for as long as it was
-        # watched, its requests answered 504), and llama-server from the same build hung the same way. With
-        # them off, 478 rounds of that traffic all finished, for about 10 % less throughput at one to four
+        # CUDA graphs off: with them on, a step holding several prompts' chunks now and then never finished
+        # on a GPU (llama-server from the same build hung the same way); off costs some throughput at few
         # streams (docs/benchmarks-history.md). ggml reads the variable once, before the first graph runs.
         os.environ.setdefault("GGML_CUDA_DISABLE_GRAPHS", "1")
         llama_cpp.llama_backend_init()
@@ -123,11 +121,9 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             max_waiting=config.max_waiting,
             reuse_prefixes=config.options.get("enable_prefix_caching") is not False,
             # A burst's prompts share a step: on a GPU it takes about as long for all of them as for one,
-            # and on a CPU a step of several prompts still computes each faster than a step of one. Requests
-            # sent together reach the GPU machine within two loop iterations, but the 2-core CPU machine up to
-            # a millisecond apart; there the first one waits 3 ms for the others when the engine is idle (an
-            # A/B against llama-server: the median throughput ratio went from 0.94 to 1.00 at 4 streams and
-            # from 1.00 to 1.08 at 16; docs/benchmarks-history.md).
+            # and on a CPU a step of several prompts still computes each faster than a step of one. On a CPU
+            # a burst's requests arrive further apart, so the first waits CPU_GATHER_S for the others when the
+            # engine is idle (docs/benchmarks-history.md).
             gather_for=0.0 if config.gpu_layers != 0 else CPU_GATHER_S,
         )
 
@@ -199,10 +195,9 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         return self._off_loop(self._encode, text, add_special=True, parse_special=False, window=window, param=param)
 
     def _encode(self, text: str, *, add_special: bool, parse_special: bool, window: int, param: str) -> list[int]:
-        """On a prompt thread: llama.cpp's tokenizer takes 150-900 µs for the benchmark's 235-character prompt (it
-        builds its regular expressions on every call) and releases the GIL, so a burst's prompts are tokenized side
-        by side. A text that cannot fit `window` tokens is refused before it is tokenized (which takes time growing
-        with its bytes)."""
+        """On a prompt thread: llama.cpp's tokenizer is slow (it builds its regular expressions on every call)
+        and releases the GIL, so a burst's prompts are tokenized side by side. A text that cannot fit `window`
+        tokens is refused before it is tokenized (which takes time growing with its bytes)."""
         parts, least = self._vocab.split_prompt(text.encode(), parse_special=parse_special, most=window)
         if least > window:
             raise too_long_to_tokenize(window, least, param)

@@ -64,8 +64,8 @@ _DISCARD = ctypes.cast(ctypes.CDLL(None).abs, llama_cpp.llama_log_callback)
 def native_logs_while_loading() -> Iterator[None]:
     """llama.cpp's log lines reach Python logging while a model loads (what was loaded, and why it failed);
     after that they are dropped in C unless the gateway logs at debug level. A Python callback takes the
-    GIL for every line, and CUDA builds log one on every decode step ("CUDA Graph id ... reused"): on an
-    H100 the engine thread spent a quarter of its time waiting for the GIL there (docs/benchmarks-history.md)."""
+    GIL for every line, and CUDA builds log one on every decode step ("CUDA Graph id ... reused"), which kept
+    the engine thread waiting for the GIL (docs/benchmarks-history.md)."""
     llama_cpp.llama_log_set(_log_to_python, ctypes.c_void_p(0))
     try:
         yield
@@ -314,9 +314,9 @@ def _class_matches(chars: list[tuple[str, bool]], negated: str) -> bool:
 def build_sampling(vocab: Vocab, params: SamplingParams, grammar: str | None) -> SlotSampling:
     """How C picks one sequence's tokens: greedy with its biases, or else llama.cpp's sampler chain.
 
-    The chain copies all n_vocab logits into a candidate array on every call: 105 µs for SmolLM2's 49,152
-    (175-209 µs right after a step on the 2-core CI machine), against 12 µs for steps.c's argmax. Greedy with
-    biases needs none of that; penalties and grammars keep the chain (they have state)."""
+    The chain copies all n_vocab logits into a candidate array on every call, many times the cost of steps.c's
+    argmax (docs/design/c-steps.md). Greedy with biases needs none of that; penalties and grammars keep the
+    chain (they have state)."""
     if params.temperature == 0 and grammar is None and not _penalized(params):
         biases = _biases(vocab, params)
         ids = sorted(biases)
@@ -385,9 +385,9 @@ _get_logits_address = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
 def output_logits(ctx, outputs: int, n_vocab: int) -> np.ndarray:
     """The last decode's logits, one row per output in batch order (a view, valid until the next decode).
 
-    One call into llama.cpp for the whole step (it waits for the GPU there), not one per sequence. Right
-    after a step, on the 2-core CI machine, llama_get_logits_ith plus a ctypes.cast and np.frombuffer took
-    about 100 µs per sequence; the view here is made once per buffer and size."""
+    One call into llama.cpp for the whole step (it waits for the GPU there), not one per sequence: a
+    llama_get_logits_ith, ctypes.cast and np.frombuffer per sequence was slow right after a step. The view
+    here is made once per buffer and size."""
     address = _get_logits_address(ctx)
     if not address:
         raise RuntimeError("llama.cpp returned no logits")
@@ -411,10 +411,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class Batch:
     """A reusable llama_batch over numpy arrays, filled a run of one sequence's tokens at a time.
 
-    Filling it a token at a time through the ctypes fields took about 2 µs a token: 1 ms of Python inside
-    every 512-token prefill step on the 2-core CI machine. A run is a few slice assignments instead (46 µs for
-    512 tokens); a 16-request burst's first token on an H200 came 2-5 ms sooner (docs/benchmarks-history.md). Each
-    token belongs to one sequence: `seq_id[i]` points at `_seq[i]`."""
+    A run is a few slice assignments, not a token at a time through the ctypes fields, which put Python
+    inside every prefill step (docs/design/c-steps.md). Each token belongs to one sequence: `seq_id[i]`
+    points at `_seq[i]`."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -446,7 +445,7 @@ class Batch:
         logits (or embeddings). Returns the batch index of the last token."""
         start = self.size
         end = start + len(tokens)
-        if len(tokens) == 1:  # a decoding sequence's token: scalar stores cost a fifth of slice assignments
+        if len(tokens) == 1:  # a decoding sequence's token: scalar stores are cheaper than slice assignments
             self._token[start], self._pos[start] = tokens[0], first_pos
             self._seq[start], self._logits[start] = seq_id, outputs
             self.native.n_tokens = end

@@ -65,8 +65,8 @@ static double now_s(void) {
 }
 
 /* The first index of the largest value: what numpy's argmax returns, ties to the lower token id. Two
- * vectorised passes (the max, then the block holding it): 12 µs for 49,152 logits where a one-pass scalar loop
- * took 37-47 µs on the 2-core VM. */
+ * vectorised passes (the max, then the block holding it): faster than a one-pass scalar loop
+ * (docs/design/c-steps.md). */
 #if defined(__x86_64__)
 __attribute__((target_clones("avx2", "default")))
 #endif

@@ -1,10 +1,10 @@
 """The scheduler's C steps (steps.c) through ctypes: the state they share with Python, and the ring of sampled
 tokens between the engine's thread and the event loop.
 
-Why C: between two `llama_decode` calls the engine's thread ran ~200 µs of Python (logits, argmax, text, the
-batch) on the 2-core VM, holding the GIL, while the event loop's per-token Python waited for it and then ran
-during the next decode, on the decode's cores. `gw_run` steps every decoding sequence without the GIL; the
-event loop turns the tokens into text, beside it.
+Why C: between two `llama_decode` calls the engine's thread ran Python (logits, argmax, text, the batch)
+holding the GIL, while the event loop's per-token Python waited for it and then ran during the next decode,
+on the decode's cores. `gw_run` steps every decoding sequence without the GIL; the event loop turns the
+tokens into text, beside it. Figures: docs/design/c-steps.md.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
                 raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
             # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
             # As an API server: vLLM sizes its defaults by this context, and AsyncLLM's own (ENGINE_CONTEXT) gets
-            # none of them, e.g. 2,048 batched tokens a step on an H100/H200 where `vllm serve` has 8,192.
+            # none of them, e.g. fewer batched tokens a step than `vllm serve` gets on a large GPU.
             args = self._engine_args(model)
             self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
             self._weights_bytes = _directory_bytes(model)

@@ -49,8 +49,9 @@ class OwnBodyLane:
     """Serves POSTs to the OwnBodyRoutes straight from the ASGI scope, and passes everything else on to `app`.
 
     FastAPI's handler (dependencies solved for parameters these endpoints do not have), Starlette's error and
-    exception middlewares, FastAPI's exit stack and the router's matching would take a fifth of a relayed
-    request's CPU, for nothing here. Errors become OpenAI-shaped answers as the app's handlers make them.
+    exception middlewares, FastAPI's exit stack and the router's matching would cost a relayed request CPU for
+    nothing here (docs/design/own-body-lane.md). Errors become OpenAI-shaped answers as the app's handlers
+    make them.
     """
 
     def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute]):
