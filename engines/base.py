@@ -80,6 +80,12 @@ class Prompt:
     token_ids: list[int]
 
 
+# `ignore_eos`'s bias on the end-of-generation tokens: finite, so that where a grammar allows nothing but the end
+# the end is still drawn. With every logit -inf there is nothing to draw from (llama.cpp then draws a token the
+# grammar forbids, and aborts).
+END_OFF = -1e30
+
+
 @dataclass
 class SamplingParams:
     """Engine-level generation options, already validated by the gateway."""

@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from engines.base import SamplingParams
+from engines.base import END_OFF, SamplingParams
 from engines.json_schema import InvalidSchema
 from engines.llamacpp.steps import SlotSampling
 
@@ -30,9 +30,6 @@ SPLIT_SPECIALS = 256  # special tokens in each part of a prompt handed to llama.
 # much deeper itself, gracefully).
 MAX_GRAMMAR_NESTING = 1_000
 MAX_GRAMMAR_CHARS = 1 << 20  # the engine thread parses the grammar of every sequence that uses one
-# `ignore_eos`'s bias on the end-of-generation tokens: finite, so that where a grammar allows nothing but the end the
-# end is still drawn. With every logit -inf the sampler draws a token the grammar forbids, and llama.cpp aborts.
-END_OFF = -1e30
 # A quoted literal, or a character class (its ^ and its body): the grammar's terminals.
 _GBNF_TERMINALS = re.compile(r'"((?:\\.|[^"\\])*)"|\[(\^?)((?:\\.|[^\]\\])*)\]', re.DOTALL)
 _GBNF_CHAR = re.compile(r"\\x([0-9a-fA-F]{2})|\\u([0-9a-fA-F]{4})|\\U([0-9a-fA-F]{8})|\\(.)|(.)", re.DOTALL)

@@ -15,13 +15,10 @@ import llguidance
 import llguidance.torch
 import torch
 
-from engines.base import SamplingParams, UnsupportedFeature
+from engines.base import END_OFF, SamplingParams, UnsupportedFeature
 
 # Penalties look back over the last 256 generated tokens, as the llama.cpp engine's do.
 PENALTY_WINDOW = 256
-# `ignore_eos`'s bias: finite, so that where the grammar allows nothing but the end the end is still drawn, as in
-# the llama.cpp engine (with every logit -inf there is no distribution to draw from).
-END_OFF = -1e30
 
 
 class TokenChooser:
