@@ -27,7 +27,6 @@ from gateway.generation import CLIENT_CLOSED_REQUEST, sse_response, until_discon
 from gateway.observability import RequestRecord, current_request
 from gateway.protocol import ModelRequest
 from gateway.routing import Route, Target
-from gateway.security import reservation
 from gateway.targets import CapabilityMismatch, Outcome, RemoteTarget, TargetFailure
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ async def dispatch(request: Request, endpoint: str, request_type: type[ModelRequ
         route = state.router.resolve(body.model)
         record.model = body.model  # once known: metrics take no label values from unknown names
         if record.limits is not None:  # 429 unless the key's tokens per minute leave room; settled as it ends
-            record.reserved = record.limits.reserve(reservation(body, state.settings.ctx))
+            record.reserved = record.limits.reserve(body.most_tokens(state.settings.ctx))
         chain = _Chain(route, endpoint, body, deadline.at, state.retry, record)
         outcome = await until_disconnected(request, _within(alarm, deadline, chain.serve(), record))
     finally:

@@ -185,9 +185,15 @@ class ModelRequest(Request):
     def check_size(self) -> None:
         """400 when the request's text or token ids pass their limits."""
 
-    def size(self) -> int:
-        """The body's length in bytes, as the client sent it."""
-        return len(self._sent)
+    def most_tokens(self, default_completion: int) -> int:
+        """The most tokens the request may use, which a key's tokens-per-minute limit holds while it runs: its
+        prompt at about four bytes a token (of the whole body, which holds more than the prompt), plus what it
+        may generate (`default_completion`, the context window, for a choice without `max_tokens`)."""
+        return len(self._sent) // 4 + self.most_completion_tokens(default_completion)
+
+    def most_completion_tokens(self, default_completion: int) -> int:
+        """What the request may generate, at most (nothing, for embeddings)."""
+        return 0
 
     def as_sent(self) -> dict[str, Any]:
         """The body as the client sent it, less the gateway's own `timeout`: what a remote provider gets.
@@ -485,6 +491,9 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def most_completion_tokens(self, default_completion: int) -> int:
+        return (self.requested_max_tokens() or default_completion) * self.n
+
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
@@ -577,6 +586,9 @@ class CompletionRequest(SamplingFields):
 
     def check_size(self) -> None:
         _check_size(self.prompts(), "prompt")
+
+    def most_completion_tokens(self, default_completion: int) -> int:
+        return (self.max_tokens or default_completion) * self.n * len(self.prompts())
 
     def unsupported_locally(self) -> str | None:
         if self.suffix is not None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from gateway.config import ApiKey
 from gateway.errors import APIError
 from gateway.observability import current_request
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
 
 WINDOW = 60.0  # rate limits are per minute, over a sliding window
 
@@ -19,8 +18,8 @@ WINDOW = 60.0  # rate limits are per minute, over a sliding window
 class KeyLimits:
     """Requests and tokens a key used in the last minute, and the tokens its requests in flight hold.
 
-    A request reserves its maximum once its body is read (`reservation`) and is charged what it used when it
-    ends, however it ends. It is admitted while what the key was charged plus what its requests in flight
+    A request reserves its maximum once its body is read (`ModelRequest.most_tokens`) and is charged what it
+    used when it ends, however it ends. It is admitted while what the key was charged plus what its requests in flight
     hold is under the limit: concurrent requests overshoot the limit by at most one request's maximum, as
     consecutive ones do."""
 
@@ -68,18 +67,6 @@ class KeyLimits:
             self._requests.popleft()
         while self._tokens and self._tokens[0][0] <= now - WINDOW:
             self._charged -= self._tokens.popleft()[1]
-
-
-def reservation(body: ModelRequest, default_completion: int) -> int:
-    """The most tokens a request may use: its prompt at about four bytes a token (of the whole body, which
-    holds more than the prompt), plus for each choice of each prompt `max_tokens`, or `default_completion`
-    (the context window) when it is unset."""
-    prompt = body.size() // 4
-    if isinstance(body, ChatCompletionRequest):
-        return prompt + (body.requested_max_tokens() or default_completion) * body.n
-    if isinstance(body, CompletionRequest):
-        return prompt + (body.max_tokens or default_completion) * body.n * len(body.prompts())
-    return prompt
 
 
 def _limited(unit: str, limit: int, wait: float) -> APIError:

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     )
     max_stop_chars: int = Field(1000, ge=1, description="characters of each stop sequence")
     embedding: bool = Field(True, description="serve /v1/embeddings from the chat model")
-    config: Path | None = Field(None, description="YAML file of targets, model names, retries and keys (docs/configuration.md)")
+    config: Path | None = Field(
+        None, description="YAML file of targets, model names, retries and keys (docs/configuration.md)"
+    )
     fallback_base_url: str | None = Field(None, description="without a config file: an OpenAI-compatible fallback")
     fallback_model: str | None = Field(None, description="the model name the fallback provider expects")
     fallback_api_key_env: str | None = Field(None, description="name of the env var holding the fallback's API key")
