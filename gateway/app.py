@@ -13,11 +13,19 @@ from starlette.types import ASGIApp
 
 from engines import DEFAULT_EMBEDDING_MODELS, create_engine
 from engines.base import EngineConfig
-from gateway import devices, metrics, tracing
 from gateway.api import chat, completions, embeddings, health, models
 from gateway.api import metrics as metrics_api
-from gateway.api.own_body import BodyGuard, OwnBodyLane, include_body_schemas
-from gateway.config import (
+from gateway.api.protocol import apply_limits
+from gateway.errors import install_error_handlers
+from gateway.front.body import BodyGuard, OwnBodyLane, include_body_schemas
+from gateway.front.keys import ApiKeyMiddleware, KeyRing
+from gateway.models import devices
+from gateway.models.download import ModelDownload
+from gateway.models.governor import MB, MemoryGovernor
+from gateway.models.lifecycle import ManagedModel, ModelManager
+from gateway.models.registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
+from gateway.routing.breaker import Breaker
+from gateway.routing.config import (
     GatewayConfig,
     LocalTargetConfig,
     RemoteTargetConfig,
@@ -26,18 +34,12 @@ from gateway.config import (
     load_config,
     simple_config,
 )
-from gateway.download import ModelDownload
-from gateway.errors import install_error_handlers
-from gateway.lifecycle import ManagedModel, ModelManager
-from gateway.memory import MB, MemoryGovernor
-from gateway.model_registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
-from gateway.observability import RequestIdMiddleware
-from gateway.protocol import apply_limits
-from gateway.routing import ModelRouter
-from gateway.security import ApiKeyMiddleware, KeyRing
+from gateway.routing.router import ModelRouter
+from gateway.routing.targets import LocalHandler, LocalTarget, RemoteTarget
 from gateway.settings import Settings
-from gateway.targets import Breaker, LocalHandler, LocalTarget, RemoteTarget
-from gateway.upstream import Limits, create_http_client
+from gateway.telemetry import metrics, tracing
+from gateway.telemetry.requests import RequestIdMiddleware
+from gateway.upstream.client import Limits, create_http_client
 
 
 class GatewayApp(FastAPI):

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve(settings: Settings) -> None:
     from gateway.app import create_app
-    from gateway.observability import configure_logging
-    from gateway.server import http_protocol
+    from gateway.front.server import http_protocol
+    from gateway.telemetry.requests import configure_logging
 
     configure_logging(settings.log_level)
     uvicorn.run(

@@ -1,4 +1,4 @@
-"""CPU the gateway spends per relayed request in each upstream HTTP client (gateway/upstream.py).
+"""CPU the gateway spends per relayed request in each upstream HTTP client (gateway/upstream/client.py).
 
 Starts a trivial OpenAI-shaped upstream in a separate process (so its CPU is not counted), then drives
 each client implementation through the same seam the remote targets use: whole bodies, and streams
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.upstream import HTTP_CLIENTS  # noqa: E402
+from gateway.upstream.client import HTTP_CLIENTS  # noqa: E402
 
 BODY = json.dumps({
     "id": "x", "object": "chat.completion", "created": 0, "model": "m",

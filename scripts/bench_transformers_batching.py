@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, Generat
 from engines.base import EngineConfig, SamplingParams  # noqa: E402
 from engines.transformers import TransformersEngine  # noqa: E402
 from engines.transformers.engine import pretrained_source  # noqa: E402
-from gateway.model_registry import ModelRegistry  # noqa: E402
+from gateway.models.registry import ModelRegistry  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # scripts/ is on the path already, as the script's own folder
 
 from bench_streams import PROMPT  # noqa: E402
+
 from engines.base import EngineConfig, SamplingParams  # noqa: E402
 from engines.llamacpp import scheduler  # noqa: E402
 from engines.llamacpp.engine import LlamaCppEngine  # noqa: E402

@@ -17,8 +17,8 @@ import torch
 
 from engines.base import Delta, SamplingParams, TokenLogprob
 from engines.text import StopMatcher
-from engines.worker_thread import WorkerThread
 from engines.transformers.sampling import TokenChooser
+from engines.worker_thread import WorkerThread
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
-from gateway.api.own_body import OwnBodyRoute, json_body
-from gateway.fallback import dispatch
-from gateway.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
-from gateway.protocol import (
+from gateway.api.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
+from gateway.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -20,6 +18,8 @@ from gateway.protocol import (
     new_id,
     now,
 )
+from gateway.front.body import OwnBodyRoute, json_body
+from gateway.routing.chain import dispatch
 
 router = APIRouter(route_class=OwnBodyRoute)
 

@@ -8,11 +8,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from engines.base import Engine
-from gateway.api.own_body import OwnBodyRoute, json_body
+from gateway.api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from gateway.errors import invalid_param
-from gateway.fallback import dispatch
-from gateway.observability import current_request
-from gateway.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from gateway.front.body import OwnBodyRoute, json_body
+from gateway.routing.chain import dispatch
+from gateway.telemetry.requests import current_request
 
 router = APIRouter(route_class=OwnBodyRoute)
 

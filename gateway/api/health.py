@@ -9,7 +9,7 @@ import dataclasses
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from gateway.devices import rss_bytes
+from gateway.models.devices import rss_bytes
 
 router = APIRouter()
 

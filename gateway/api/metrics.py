@@ -7,7 +7,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from gateway import devices, metrics
+from gateway.models import devices
+from gateway.telemetry import metrics
 
 router = APIRouter()
 

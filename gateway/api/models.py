@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from gateway.api.protocol import ModelCard, ModelList, ModelState
 from gateway.errors import APIError, invalid_param
-from gateway.lifecycle import ManagedModel
-from gateway.protocol import ModelCard, ModelList, ModelState
-from gateway.security import require_admin
-from gateway.targets import LocalTarget
+from gateway.front.keys import require_admin
+from gateway.models.lifecycle import ManagedModel
+from gateway.routing.targets import LocalTarget
 
 router = APIRouter()
 

@@ -1,5 +1,5 @@
-"""The HTTP front (gateway/server.py): huge or endless request heads, slow bodies and connection floods are cut off
-without stalling other clients, and a long streaming answer is never cut."""
+"""The HTTP front (gateway/front/server.py): huge or endless request heads, slow bodies and connection floods are
+cut off without stalling other clients, and a long streaming answer is never cut."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from gateway.server import GatewayHttpProtocol, http_protocol
+from gateway.front.server import GatewayHttpProtocol, http_protocol
 from gateway.settings import Settings
 from tests.conftest import MODEL, start_server
 
@@ -238,7 +238,8 @@ def test_a_long_streaming_answer_outlives_every_read_timeout(front):
 
 
 def test_uvicorn_internals_the_front_relies_on_are_there():
-    """gateway/server.py extends uvicorn's HttpToolsProtocol: fail loudly when a uvicorn release moves its parts."""
+    """gateway/front/server.py extends uvicorn's HttpToolsProtocol: fail loudly when a uvicorn release moves its
+    parts."""
 
     async def app(scope, receive, send):  # pragma: no cover - never called
         pass

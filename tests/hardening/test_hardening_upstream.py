@@ -1,6 +1,6 @@
 """Hardening of the upstream client: a real gateway relaying to a raw HTTP/1.1 server started here
 (tests/upstream.py `RawUpstream`) that misbehaves as no framework would, and the three clients of the seam
-(gateway/upstream.py) against loopback servers and a loopback proxy.
+(gateway/upstream/client.py) against loopback servers and a loopback proxy.
 
 Each test reproduces the attack and asserts the safe outcome: every client gets its own answer, a request
 reaches the provider once, a response past a limit is a 502 (never a 500, never the gateway's memory), a
@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.upstream import HTTP_CLIENTS, Limits, UpstreamUnavailable
+from gateway.upstream.client import HTTP_CLIENTS, Limits, UpstreamUnavailable
 from tests.conftest import start_server
 from tests.unit.test_http1 import tls_server_context  # noqa: F401 (a fixture)
 from tests.upstream import RawRequest, RawUpstream, raw_completion

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.memory import MB, InsufficientMemory, MemoryGovernor, pressure_level
+from gateway.models.governor import MB, InsufficientMemory, MemoryGovernor, pressure_level
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.model_registry import ModelRegistry, what_would_fit
+from gateway.models.registry import ModelRegistry, what_would_fit
 from gateway.settings import Settings
 from tests.conftest import MODEL, free_port, start_server
 

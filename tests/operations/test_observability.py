@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics
+from gateway.telemetry import metrics
 from tests.conftest import MODEL, start_server
 
 SECRET_KEY = "sk-test-never-log-this-key"

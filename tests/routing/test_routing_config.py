@@ -7,11 +7,11 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import ApiKey, GatewayConfig, load_config
 from gateway.errors import APIError
-from gateway.security import KeyLimits, KeyRing
+from gateway.front.keys import KeyLimits, KeyRing
+from gateway.routing.breaker import Breaker
+from gateway.routing.config import ApiKey, GatewayConfig, load_config
 from gateway.settings import PROJECT_ROOT
-from gateway.targets import Breaker
 
 EXAMPLES = sorted((PROJECT_ROOT / "configs").glob("gateway*.yaml"))
 

@@ -1,5 +1,5 @@
-"""The relay's HTTP/1.1 client (gateway/http1.py, through its seam in gateway/upstream.py) against raw TCP
-servers started here, for what a well-behaved upstream (tests/upstream.py) never does: drop a pooled
+"""The relay's HTTP/1.1 client (gateway/upstream/http1.py, through its seam in gateway/upstream/client.py) against raw
+TCP servers started here, for what a well-behaved upstream (tests/upstream.py) never does: drop a pooled
 connection, answer HTTP/1.0 style, split a line or a character across packets, stall, send a large body,
 send interim responses or bytes after a response, answer before the request is written, send an endless head."""
 
@@ -14,7 +14,7 @@ import pytest
 import trustme
 import uvloop
 
-from gateway.upstream import Http1Client, Limits, UpstreamUnavailable
+from gateway.upstream.client import Http1Client, Limits, UpstreamUnavailable
 
 BODY = b'{"model": "m"}'
 HEADERS = {"Content-Type": "application/json"}

@@ -11,11 +11,11 @@ import pytest
 from engines.base import SamplingParams
 from engines.llamacpp.scheduler import Sequence, _batch_order
 from engines.text import StopMatcher
+from gateway.api.generation import choice_params
+from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.cli import parse_args
 from gateway.errors import APIError, _param_from_location
-from gateway.generation import choice_params
-from gateway.model_registry import ModelNotAvailable, ModelRegistry
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.models.registry import ModelNotAvailable, ModelRegistry
 from gateway.settings import PROJECT_ROOT, Settings
 
 
@@ -170,11 +170,11 @@ def test_llama_cpp_logs_reach_python_only_while_a_model_loads(caplog):
 
 
 def test_the_sse_internals_the_stream_uses_are_still_there():
-    """_EventStream runs sse-starlette's own pieces under plain tasks (gateway/generation.py): if a release
+    """_EventStream runs sse-starlette's own pieces under plain tasks (gateway/core/streams.py): if a release
     renames or drops one, this fails here rather than as broken streams (pyproject.toml bounds the version)."""
     from sse_starlette import EventSourceResponse
 
-    from gateway.generation import _EventStream
+    from gateway.core.streams import _EventStream
 
     assert "_send_with_timeout" in vars(EventSourceResponse)  # else the override below changes nothing
     assert "_send_with_timeout" in vars(_EventStream)
@@ -187,7 +187,7 @@ def test_the_sse_internals_the_stream_uses_are_still_there():
 def test_a_streaming_response_shares_nothing_mutable_with_its_template():
     """Streams are copies of one response per set of headers (sse_response): a lock, list or event shared
     with the template, one sse-starlette might add, would be shared by every stream."""
-    from gateway.generation import _EventStream, _template
+    from gateway.core.streams import _EventStream, _template
 
     async def events():
         yield b"data: 1\n\n"
@@ -219,7 +219,7 @@ def test_a_text_chunk_from_its_template_is_the_one_the_wire_model_renders(endpoi
 
 
 def test_an_sse_stream_pings_while_it_waits_and_ends_when_its_client_leaves():
-    from gateway.generation import _EventStream
+    from gateway.core.streams import _EventStream
 
     closed = []
 
@@ -252,7 +252,7 @@ def test_an_sse_stream_pings_while_it_waits_and_ends_when_its_client_leaves():
 
 
 def test_alarm_cuts_a_wait_short_and_leaves_other_cancellations_alone():
-    from gateway.fallback import Alarm
+    from gateway.routing.chain import Alarm
 
     async def events(*pauses: float):
         for pause in pauses:

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import httpx
 
-from gateway import http1
-from gateway.http1 import Limits, UnusableResponse, decoding, read_whole, split_lines
+from gateway.upstream import http1
+from gateway.upstream.http1 import Limits, UnusableResponse, decoding, read_whole, split_lines
 
 POOL_CONNECTIONS = 512  # open connections across all providers
 POOL_KEEPALIVE = 64  # idle connections kept for reuse

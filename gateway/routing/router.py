@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from engines.base import Engine
 from gateway.errors import model_not_found
-from gateway.targets import LocalTarget, RemoteTarget
+from gateway.routing.targets import LocalTarget, RemoteTarget
 
 Target = LocalTarget | RemoteTarget
 

@@ -11,8 +11,8 @@ import time
 
 from pydantic_core import from_json
 
-from gateway import metrics
-from gateway.observability import RequestRecord
+from gateway.telemetry import metrics
+from gateway.telemetry.requests import RequestRecord
 
 
 def record_usage(record: RequestRecord, usage: dict) -> None:

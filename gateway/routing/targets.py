@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -18,14 +17,15 @@ from pydantic import BaseModel
 from pydantic_core import to_json
 
 from engines.base import Engine, EngineError, EngineOverloaded
-from gateway.config import RemoteTargetConfig
+from gateway.core.request import ModelRequest
+from gateway.core.streams import primed
 from gateway.errors import APIError, from_engine_error, invalid_param
-from gateway.generation import primed
-from gateway.lifecycle import ManagedModel
-from gateway.observability import current_request
-from gateway.protocol import ModelRequest
-from gateway.tally import StreamTally, record_body_usage
-from gateway.upstream import HttpClient, UpstreamResponse, UpstreamUnavailable
+from gateway.models.lifecycle import ManagedModel
+from gateway.routing.breaker import Breaker
+from gateway.routing.config import RemoteTargetConfig
+from gateway.telemetry.requests import current_request
+from gateway.telemetry.usage import StreamTally, record_body_usage
+from gateway.upstream.client import HttpClient, UpstreamResponse, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -61,39 +61,6 @@ class CapabilityMismatch(TargetFailure):
             "this model to a provider that supports it.", "unsupported_parameter",
         )  # fmt: skip
         super().__init__(error, retry_here=False, unhealthy=False)
-
-
-class Breaker:
-    """Cools a target down after consecutive failures; one failure after a cooldown cools it again."""
-
-    def __init__(self, failures_to_cool: int, cooldown: float):
-        self.failures_to_cool = failures_to_cool
-        self.cooldown = cooldown
-        self.failures = 0
-        self.cool_until = 0.0
-
-    def remaining(self) -> float:
-        return max(0.0, self.cool_until - time.monotonic())
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        self.cool_until = 0.0
-
-    def failed(self) -> bool:
-        """Count a failure; True when it starts a cooldown."""
-        self.failures += 1
-        if self.failures < self.failures_to_cool:
-            return False
-        self.cool_until = time.monotonic() + self.cooldown
-        return True
-
-    def health(self) -> dict:
-        remaining = self.remaining()
-        return {
-            "state": "cooling" if remaining else "ok",
-            "consecutive_failures": self.failures,
-            "cooldown_remaining_s": round(remaining, 1),
-        }
 
 
 # How a local model answers one endpoint (the api modules' `serve_locally`); the app factory wires them by endpoint.

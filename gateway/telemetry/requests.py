@@ -15,14 +15,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from gateway import metrics, tracing
-
-if TYPE_CHECKING:
-    from gateway.security import KeyLimits
+from gateway.telemetry import metrics, tracing
 
 access_log = logging.getLogger("gateway.access")
+
+
+class TokenAllowance(Protocol):
+    """A client key's tokens per minute (front/keys.py), charged as a request ends."""
+
+    def settle(self, reserved: int, used: int) -> None: ...
 
 
 @dataclass
@@ -39,7 +42,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the engine did not compute again (prefix reuse)
     first_token_at: float | None = None
-    limits: KeyLimits | None = None  # the client key's, charged with the tokens used when the request ends
+    limits: TokenAllowance | None = None  # the client key's, charged with the tokens used when the request ends
     reserved: int = 0  # the request's maximum, held against the key's tokens per minute while it runs
     # A remote target is answering and has not yet said (or shown, in a stream that ended) what it used.
     usage_pending: bool = False

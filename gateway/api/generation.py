@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import functools
-import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator
 
-from fastapi import Request
-from fastapi.responses import Response
 from pydantic_core import to_json
-from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
 
 from engines.base import Delta, Engine, Prompt, SamplingParams, TokenLogprob
-from gateway import metrics
-from gateway.errors import APIError, as_api_error
-from gateway.observability import RequestRecord, current_request
-from gateway.protocol import Usage
+from gateway.api.protocol import Usage
+from gateway.core.streams import primed
+from gateway.errors import APIError
+from gateway.telemetry import metrics
+from gateway.telemetry.requests import RequestRecord, current_request
 
-T = TypeVar("T")
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody is left to read it
-WATCH_AFTER = 0.05  # seconds into a request before a watcher waits for its client to go away
-PING_S = 15  # seconds between SSE comment lines that keep idle proxies from closing a stream
 # Stands for a delta's text in a chunk rendered once per stream; random, so no request can contain it.
 TEXT_PLACEHOLDER = uuid.uuid4().hex
 
@@ -89,19 +79,6 @@ async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Wait for the first item before answering, so failures before any output become HTTP errors."""
-    first = await anext(stream)
-
-    async def rest() -> AsyncIterator[T]:
-        async with contextlib.aclosing(stream):
-            yield first
-            async for item in stream:
-                yield item
-
-    return rest()
-
-
 @dataclass
 class ChoiceResult:
     text: str = ""
@@ -126,44 +103,6 @@ async def collect(merged: AsyncIterator[tuple[int, Delta]], count: int) -> list[
 
 def start_generations(engine: Engine, prompt: Prompt, params: SamplingParams, n: int) -> list[AsyncIterator[Delta]]:
     return [engine.generate(prompt, p) for p in choice_params(params, n)]
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
-    """Run `work` unless the client goes away first; then cancel it, which frees the engine.
-
-    The watch starts WATCH_AFTER seconds in: most answers come sooner, and a watcher task for each of those
-    would be a noticeable share of a relayed request's CPU. A client gone by then is still seen.
-    """
-    serving = asyncio.current_task()
-    watcher: asyncio.Task | None = None
-
-    def watch() -> None:
-        nonlocal watcher
-        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, serving))
-
-    timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not _client_left(watcher, serving):
-            raise  # cancelled from elsewhere (server shutdown), not by the watcher
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    finally:
-        timer.cancel()
-        if watcher is not None:
-            watcher.cancel()
-
-
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    task.cancel()
-
-
-def _client_left(watcher: asyncio.Task | None, task: asyncio.Task) -> bool:
-    """Whether `task` was cancelled by its `_cancel_on_disconnect` watcher alone; if so, that cancellation is
-    taken back, so the task can finish quietly."""
-    return watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0
 
 
 class Reply:
@@ -233,76 +172,3 @@ async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecor
                         observe_gap((arrived - last_at[index]) / delta.tokens)
                 last_at[index] = arrived
             yield index, delta
-
-
-def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:
-    """Send JSON strings as SSE `data:` events, then `[DONE]`; an error mid-stream becomes a last event."""
-
-    async def with_done() -> AsyncIterator[bytes]:
-        # Events go out as encoded bytes, which sse-starlette passes through: no event object per token.
-        try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield b"data: %s\n\n" % event.encode()
-        except Exception as error:  # headers are gone already: report in the stream, as OpenAI does
-            yield b"data: %s\n\n" % json.dumps(as_api_error(error).body()).encode()
-        yield b"data: [DONE]\n\n"
-
-    return _EventStream.streaming(with_done(), headers or {})
-
-
-class _EventStream(EventSourceResponse):
-    """sse-starlette's response (its headers, its stream with the clean-up on failure, its pings and its
-    disconnect watch) run under plain asyncio tasks. Its own `__call__` starts an anyio task group of four
-    tasks per stream, which costs more than a whole relayed request (docs/design/sse-splice.md); its
-    fourth task ends streams at server shutdown, which uvicorn's graceful shutdown does here instead."""
-
-    @classmethod
-    def streaming(cls, events: AsyncIterator[bytes], headers: dict[str, str]) -> _EventStream:
-        """A copy of one response made per set of headers, with its own events, headers list and send lock.
-        sse-starlette's constructor builds the headers and an anyio lock each time, between a stream's first
-        token and its first byte on the wire. (tests/unit/test_units.py checks that a copy shares nothing
-        mutable with its template.)"""
-        template = _template(tuple(headers.items()))
-        stream = copy.copy(template)
-        stream.body_iterator, stream.raw_headers, stream._send_lock = events, list(template.raw_headers), asyncio.Lock()
-        return stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streaming = asyncio.current_task()
-        watcher: asyncio.Task | None = None
-        pings: asyncio.Task | None = None
-
-        def start_helpers() -> None:
-            nonlocal watcher, pings
-            watcher = asyncio.create_task(_cancel_on_disconnect(receive, streaming))
-            pings = asyncio.create_task(self._ping(send)) if self.ping_interval > 0 else None
-
-        # In the next loop iteration: by then the first event (there as the stream starts) has been sent,
-        # so starting the two tasks is not part of the time to first token.
-        starting = asyncio.get_running_loop().call_soon(start_helpers)
-        try:
-            await self._stream_response(send)
-        except asyncio.CancelledError:
-            if not _client_left(watcher, streaming):
-                raise  # cancelled from elsewhere (server shutdown), not because the client left
-        finally:
-            starting.cancel()
-            for helper in (watcher, pings):
-                if helper is not None:
-                    helper.cancel()
-
-    async def _send_with_timeout(self, send, message) -> None:
-        """Without the per-send timeout, which we never set: it still opened an anyio cancel scope around
-        every event, per streamed token."""
-        await send(message)
-
-
-@functools.lru_cache(maxsize=64)
-def _template(headers: tuple[tuple[str, str], ...]) -> _EventStream:
-    return _EventStream(_no_events(), sep="\n", headers=dict(headers), ping=PING_S)
-
-
-async def _no_events() -> AsyncIterator[bytes]:
-    return
-    yield

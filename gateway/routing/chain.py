@@ -20,14 +20,14 @@ from fastapi.responses import Response
 from starlette.types import Receive
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
-from gateway import metrics
-from gateway.config import RetryPolicy
+from gateway.core.request import ModelRequest
+from gateway.core.streams import CLIENT_CLOSED_REQUEST, sse_response, until_disconnected
 from gateway.errors import APIError, invalid_param
-from gateway.generation import CLIENT_CLOSED_REQUEST, sse_response, until_disconnected
-from gateway.observability import RequestRecord, current_request
-from gateway.protocol import ModelRequest
-from gateway.routing import Route, Target
-from gateway.targets import CapabilityMismatch, Outcome, RemoteTarget, TargetFailure
+from gateway.routing.config import RetryPolicy
+from gateway.routing.router import Route, Target
+from gateway.routing.targets import CapabilityMismatch, Outcome, RemoteTarget, TargetFailure
+from gateway.telemetry import metrics
+from gateway.telemetry.requests import RequestRecord, current_request
 
 log = logging.getLogger(__name__)
 TARGET_HEADER = "x-llm-target"

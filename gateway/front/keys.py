@@ -8,9 +8,9 @@ import math
 import time
 from dataclasses import dataclass
 
-from gateway.config import ApiKey
 from gateway.errors import APIError
-from gateway.observability import current_request
+from gateway.routing.config import ApiKey
+from gateway.telemetry.requests import current_request
 
 WINDOW = 60.0  # rate limits are per minute, over a sliding window
 

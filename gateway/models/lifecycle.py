@@ -1,5 +1,5 @@
 """Model lifecycle: local models load on first use (or when pre-warmed) and unload when told, when idle, or
-under memory pressure, as the governor (gateway/memory.py) decides.
+under memory pressure, as the governor (gateway/models/governor.py) decides.
 
 `ManagedModel` is itself an `Engine`: routes use it like any engine, and it loads the real one on demand,
 counts the requests it serves (so it is never unloaded under one: each holds it from its first engine call
@@ -18,8 +18,8 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from engines.base import Delta, Embeddings, Engine, EngineInfo, EngineNotReady, Prompt, SamplingParams
-from gateway import metrics
-from gateway.memory import InsufficientMemory, MemoryGovernor
+from gateway.telemetry import metrics
+from gateway.models.governor import InsufficientMemory, MemoryGovernor
 
 log = logging.getLogger(__name__)
 
