@@ -86,6 +86,23 @@ class Prompt:
 END_OFF = -1e30
 
 
+@dataclass(frozen=True)
+class ToolCallConstraint:
+    """Tool calls that always parse: each call section is `begin`, then JSON matching `schema`, then `end`.
+
+    Forced (`lazy` False): the output is call sections from its first token, and nothing else. Lazy (`lazy` True,
+    tool_choice "auto"): free text until the model writes `begin`; from there on only call sections, so a call
+    once started always completes validly. With `repeat`, more sections may follow, each after one newline
+    (parallel calls); the output ends after the last section. JSON inside is compact: no free whitespace.
+    """
+
+    schema: dict[str, Any]  # the JSON value of one section (one call, or an array of calls for some families)
+    begin: str  # e.g. "<tool_call>\n" (Hermes, Qwen and the generic format), "[TOOL_CALLS]" (Mistral)
+    end: str = ""  # e.g. "\n</tool_call>"
+    lazy: bool = False
+    repeat: bool = False
+
+
 @dataclass
 class SamplingParams:
     """Engine-level generation options, already validated by the gateway."""
@@ -103,6 +120,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; N: the chosen token plus N alternatives
     json_schema: dict[str, Any] | None = None  # constrain the output to JSON matching this schema
+    tool_calls: ToolCallConstraint | None = None  # constrain tool calls (never together with json_schema)
     ignore_eos: bool = False
 
 
@@ -162,8 +180,17 @@ class Engine(Protocol):
         """Tokens a request may use (prompt and completion): what every request's budget reads, so cheap."""
         ...
 
-    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
-        """Apply the model's chat template and tokenize."""
+    async def chat_template(self) -> str | None:
+        """The model's own chat template (Jinja source), or None: the gateway reads its tool-call format from it."""
+        ...
+
+    async def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+        template_args: dict[str, Any] | None = None,
+    ) -> Prompt:  # fmt: skip
+        """Apply the model's chat template and tokenize. `messages` are OpenAI-shaped dicts (assistant messages may
+        hold `tool_calls` with `function.arguments` as a dict, `tool` messages a `tool_call_id`); `tools` (OpenAI's
+        list) goes to templates that take it; `template_args` are extra template variables (`enable_thinking`)."""
         ...
 
     async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
