@@ -6,12 +6,18 @@ with LLM_TEST_ENGINES=llamacpp,transformers). Only engine-specific facts differ,
 Tests live in one folder per purpose, and each folder is a pytest marker of the same name (LANES, applied
 from the path below and registered in pyproject.toml): `pytest -m unit` is the fast lane (`make test-unit`),
 `pytest -m "not engines"` leaves out the slow engine checks.
+
+Tests must hold on a loaded 2-core machine: they wait for effects through `wait_for` and the helpers built on it,
+with the margins below, and make HTTP calls through `Server.get` / `Server.post` or name their own timeout
+(tests/unit/test_suite_rules.py checks that).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,7 +26,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 from openai import OpenAI
+
+from tests.upstream import Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -31,6 +40,10 @@ STARTING_TEST_TIMEOUT = STARTUP_SECONDS + 180
 # Cancelled work stops at the engine's next decode step, which a loaded 2-core machine stretches to seconds;
 # the long requests the tests cancel (3000 tokens) would keep an engine busy well past this if they went on.
 IDLE_WITHIN = 10.0
+# A small model's load, or its failure, on a loaded 2-core machine (a vLLM start has STARTUP_SECONDS).
+LOAD_WITHIN = 120.0
+# The tests' own HTTP calls: httpx's 5 s default is too short for an answer on a loaded 2-core machine.
+HTTP_TIMEOUT = 60.0
 LANES = ("unit", "contract", "routing", "lifecycle", "engines", "hardening", "operations")
 TESTS = Path(__file__).resolve().parent
 
@@ -96,11 +109,27 @@ class Server:
     def client(self, **kwargs) -> OpenAI:
         return OpenAI(base_url=self.v1, api_key=kwargs.pop("api_key", "anything"), max_retries=0, **kwargs)
 
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        """GET `path` under the server's root, with HTTP_TIMEOUT unless `timeout` is given."""
+        return httpx.get(self.base_url + path, **{"timeout": HTTP_TIMEOUT, **kwargs})
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        """POST to `path` under the server's root, with HTTP_TIMEOUT unless `timeout` is given."""
+        return httpx.post(self.base_url + path, **{"timeout": HTTP_TIMEOUT, **kwargs})
+
     def health(self) -> dict:
-        return httpx.get(self.base_url + "/health", timeout=10).json()
+        return self.get("/health").json()
+
+    def model_state(self, model: str = MODEL) -> str:
+        return next(m["state"] for m in self.health()["models"] if m["model"] == model)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_log(self) -> list[dict]:
+        """The access-log records written so far (one per finished request, `gateway.access`)."""
+        lines = [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+        return [line for line in lines if line["logger"] == "gateway.access"]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -162,6 +191,14 @@ def wait_until_idle(server: Server, within: float = IDLE_WITHIN) -> float:
     return time.monotonic() - started
 
 
+def wait_for_state(server: Server, state: str, model: str = MODEL, within: float = LOAD_WITHIN) -> None:
+    """Waits until `model` of `server` is in `state` (as /health shows it)."""
+    wait_for(
+        lambda: server.model_state(model) == state, within,
+        lambda: f"{model} is {server.model_state(model)}, not {state}",
+    )  # fmt: skip
+
+
 def require(engine: EngineUnderTest) -> None:
     """For tests of one engine: skipped when LLM_TEST_ENGINES leaves it out or it is not installed."""
     if engine.name not in SELECTED:
@@ -190,3 +227,23 @@ def server(request, tmp_path_factory) -> Server:
 @pytest.fixture(scope="session")
 def client(server) -> OpenAI:
     return server.client()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Upstream:
+    """The misbehaving OpenAI-compatible server of tests/upstream.py, one per test module."""
+    server = Upstream(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:
+    """A server certificate for localhost from a CA that this test's clients trust (through SSL_CERT_FILE,
+    which the default TLS context reads when it is made) and no other does."""
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(context)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    return context

@@ -10,6 +10,7 @@ it runs (PUT /control/<name>). Modes:
   500      OpenAI-shaped 500;  429: 429 with Retry-After: 1;  400: a request error
   stall    sends nothing for 60 s
   cut3     streams 3 chunks, then drops the connection
+  empty    a stream that ends at once, without a chunk or [DONE]
   fail2    500 for the first 2 requests, then ok
 GET /control/<name> says how many requests <name> received; `received[name]` holds the last body.
 `RawUpstream` writes raw HTTP/1.1 for what uvicorn never sends (tests/test_hardening_upstream.py).
@@ -137,6 +138,8 @@ def _tool_call_deltas(call: dict) -> list[tuple[dict, str | None]]:
 
 
 async def _stream(name: str, mode: str, body: dict):
+    if mode == "empty":
+        return
     for i, (delta, finish_reason) in enumerate(_deltas(name, mode, body)):
         if mode == "cut3" and i == 3:
             raise ConnectionResetError("cut on purpose")  # uvicorn drops the connection mid-body

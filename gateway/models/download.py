@@ -47,10 +47,12 @@ class ModelDownload:
     def ensure(self) -> Path:
         """The verified local file, downloading it if needed (blocking: call it in a thread)."""
         expected = self._expected_digest()
-        if self.target.is_file() and (expected is None or _sha256(self.target) == expected):
+        cached = self.target.is_file()
+        if cached and (expected is None or _sha256(self.target) == expected):
             return self.target
+        state = "does not match its checksum (LLM_MODEL_CHECKSUM)" if cached else "is not cached"
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise DownloadError(f"{self.target} is not cached and HF_HUB_OFFLINE=1 forbids fetching {self.url}")
+            raise DownloadError(f"{self.target} {state} and HF_HUB_OFFLINE=1 forbids fetching {self.url}")
         retrying = Retrying(
             stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(multiplier=0.5, max=8),
             retry=retry_if_exception_type((httpx.HTTPError, DownloadError)), reraise=True,
@@ -61,7 +63,7 @@ class ModelDownload:
                     self._fetch(expected, attempt.retry_state.attempt_number)
         except (httpx.HTTPError, DownloadError) as error:
             raise DownloadError(
-                f"{self.target} is not cached and {self.url} could not be fetched after {self.retries + 1} "
+                f"{self.target} {state} and {self.url} could not be fetched after {self.retries + 1} "
                 f"attempts ({error}); put the file there, or set LLM_MODEL_URL to a reachable copy"
             ) from error
         return self.target

@@ -165,7 +165,9 @@ class RemoteTarget:
             raise self._unreachable(error) from error
         finally:
             tally.settle()
-        raise APIError(502, f"target {self.name!r} closed the stream before it finished", type="server_error")
+        error = APIError(502, f"target {self.name!r} closed the stream before it finished", type="server_error")
+        # Before its first chunk nothing has reached the client: the next target in the chain may still answer.
+        raise TargetFailure(error, retry_here=False, unhealthy=True) if first else error
 
     async def _read_ok(self, response: UpstreamResponse, streaming: bool = False) -> bytes:
         if response.status < 400:

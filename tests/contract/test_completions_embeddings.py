@@ -141,8 +141,6 @@ def minilm_reference(texts: list[str]) -> np.ndarray:
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/"])
 def test_discovery_documents(server, path):
-    import httpx
-
-    response = httpx.get(server.base_url + path)
+    response = server.get(path)
     assert response.status_code == 200
     assert response.json()

@@ -10,7 +10,7 @@ import httpx
 from openai import AsyncOpenAI
 
 from gateway.settings import Settings
-from tests.conftest import MODEL, wait_until_idle
+from tests.conftest import HTTP_TIMEOUT, MODEL, wait_until_idle
 
 # Distinct single tokens of the SmolLM2 vocabulary; a +100 bias makes a request emit only its own token.
 TOKENS = [330, 355, 1170, 2330, 3441, 4620, 6097, 8899]
@@ -70,7 +70,7 @@ def test_disconnect_while_waiting_for_a_full_answer_frees_the_engine(server):
         "ignore_eos": True,
     }  # fmt: skip
     try:
-        httpx.post(server.v1 + "/chat/completions", json=body, timeout=1.0)
+        httpx.post(server.v1 + "/chat/completions", json=body, timeout=httpx.Timeout(HTTP_TIMEOUT, read=1.0))
         raise AssertionError("a 3000-token answer should not arrive within a second")
     except httpx.ReadTimeout:
         pass  # the client gives up and closes the connection
@@ -86,10 +86,13 @@ def test_streams_that_lose_their_clients_give_back_every_slot(server):
         "stream": True, "ignore_eos": True,
     }  # fmt: skip
     url = server.v1 + "/chat/completions"
+    slots = Settings().parallel  # the test servers run with the default number of slots
     with contextlib.ExitStack() as streams:
-        for _ in range(Settings().parallel):  # the test servers run with the default number of slots
-            response = streams.enter_context(httpx.stream("POST", url, json=body, timeout=60))
-            assert next(response.iter_lines()).startswith("data: ")
+        readers = []  # kept: a reader collected closes its connection
+        for _ in range(slots):
+            readers.append(streams.enter_context(httpx.stream("POST", url, json=body, timeout=60)).iter_lines())
+            assert next(readers[-1]).startswith("data: ")
+        assert server.health()["models"][0]["running"] == slots
     started = time.monotonic()
     server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     # Waiting for a slot would mean waiting for 4,000 tokens: minutes on these CPUs.

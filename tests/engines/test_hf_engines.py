@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from scripts.fetch_model import MEMBER, default_models_dir
-from tests.conftest import ENGINES, require, skip_unless_ci, start_server
+from tests.conftest import ENGINES, LOAD_WITHIN, require, skip_unless_ci, start_server, wait_for
 
 TRANSFORMERS, VLLM = ENGINES["transformers"], ENGINES["vllm"]
 HF_ENGINES = pytest.mark.parametrize("engine", [TRANSFORMERS, VLLM], ids=lambda engine: engine.name)
@@ -48,16 +46,12 @@ def test_model_without_chat_template_is_refused_at_load(tmp_path, engine):
     server = start_server(tmp_path, {"LLM_MODEL": str(model), "LLM_EMBEDDING_MODEL": "none"}, wait_ready=False,
                           engine=engine)  # fmt: skip
     try:
-        health = server.health()
-        for _ in range(300):  # the check comes right after the tokenizer loads
-            if health["status"] != "loading":
-                break
-            time.sleep(0.2)
-            health = server.health()
+        # The check comes right after the tokenizer loads.
+        health = wait_for(lambda: (h := server.health())["status"] != "loading" and h, LOAD_WITHIN, "still loading")
         assert health["models"][0]["state"] == "failed", health
         assert "has no chat template: only instruction-tuned models can serve chat" in health["models"][0]["error"]
         body = {"model": "base-model", "messages": [{"role": "user", "content": "hi"}]}
-        response = httpx.post(server.v1 + "/chat/completions", json=body, timeout=60)
+        response = server.post("/v1/chat/completions", json=body)
         assert response.status_code == 503
         assert "has no chat template" in response.json()["error"]["message"]
     finally:

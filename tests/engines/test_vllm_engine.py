@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 
 import psutil
 import pytest
 
-from tests.conftest import ENGINES, STARTUP_SECONDS, require, start_server
+from tests.conftest import ENGINES, STARTUP_SECONDS, require, start_server, wait_for
 
 VLLM = ENGINES["vllm"]
 
@@ -26,11 +25,11 @@ def engine_core(gateway: psutil.Process) -> psutil.Process | None:
 
 
 def wait_for_engine_core(gateway: psutil.Process) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while engine_core(gateway) is None:
+    def spawned() -> psutil.Process | None:
         assert gateway.is_running(), "the gateway exited before vLLM started its engine"
-        assert time.monotonic() < deadline, f"no vLLM engine process after {STARTUP_SECONDS}s"
-        time.sleep(0.2)
+        return engine_core(gateway)
+
+    wait_for(spawned, STARTUP_SECONDS, "no vLLM engine process", interval=0.2)
 
 
 # SIGTERM to the gateway alone is how systemd, Docker or `kill` stop it; Ctrl-C sends SIGINT to the whole

@@ -21,9 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MODEL, start_server
+from tests.conftest import MODEL, start_server, wait_for
 from tests.lifecycle.test_model_lifecycle import SMALL, model_file
-from tests.routing.test_routing import upstream  # noqa: F401 (a fixture: the misbehaving upstream of tests/upstream.py)
 
 USER_KEY = "sk-user-key"
 CONFIG_ADMIN_KEY = "sk-config-admin"
@@ -110,17 +109,11 @@ def chat(server, key: str, model: str = MODEL, headers: dict | None = None, **bo
                       timeout=60)  # fmt: skip
 
 
-def access_line(server, request_id: str, within: float = 30) -> dict:
+def access_line(server, request_id: str) -> dict:
     """The access-log line of a request: written after its tokens were charged, however it ended."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        for line in server.log().splitlines():
-            if line.startswith("{") and request_id in line:
-                record = json.loads(line)
-                if record["logger"] == "gateway.access":
-                    return record
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id} within {within}s")
+    lines = wait_for(lambda: [line for line in server.access_log() if line.get("request_id") == request_id],
+                     30, f"no access line for {request_id}")  # fmt: skip
+    return lines[0]
 
 
 def assert_out_of_tokens(response: httpx.Response) -> None:

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ENGINES, MODEL, require, start_server, wait_for
+from tests.conftest import ENGINES, IDLE_WITHIN, MODEL, require, start_server, wait_for, wait_for_state
 
 CTX = 16384
 # 81 bytes, one token each (SmolLM2's longest piece: a newline and 80 spaces), and the slowest text to tokenize
@@ -40,10 +40,6 @@ def unload(server) -> httpx.Response:
 
 def load(server) -> None:
     assert httpx.post(f"{server.v1}/models/{MODEL}/load", timeout=120).json()["state"] == "ready"
-
-
-def model_state(server) -> str:
-    return next(m["state"] for m in server.health()["models"] if m["model"] == MODEL)
 
 
 def in_background(work) -> tuple[threading.Thread, dict]:
@@ -78,14 +74,22 @@ def unload_until_done(server, thread: threading.Thread) -> list[tuple[float, htt
     return answers
 
 
-def wait_until_unloaded(server) -> None:
-    wait_for(lambda: model_state(server) == "unloaded", 30, "not unloaded once idle")
-
-
 def assert_model_busy(response: httpx.Response) -> None:
     assert response.status_code == 409, response.text
     error = response.json()["error"]
     assert error["code"] == "model_busy" and error["param"] == "model"
+
+
+def unload_once_free(server, within: float, what: str) -> None:
+    """POST unload until it succeeds; every answer before is 409 model_busy."""
+
+    def unloaded() -> bool:
+        response = unload(server)
+        if response.status_code != 200:
+            assert_model_busy(response)
+        return response.status_code == 200
+
+    wait_for(unloaded, within, what, interval=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +127,7 @@ def test_a_stream_holds_the_model_until_it_ends_or_its_client_leaves(server):
         lines = left.iter_lines()  # kept: once collected, it closes the connection
         assert next(lines).startswith("data:")
         assert_model_busy(unload(server))  # streaming
-    left_at = time.monotonic()
-    while (answer := unload(server)).status_code != 200:  # the client left: its stream is closed
-        assert_model_busy(answer)
-        assert time.monotonic() - left_at < 10, "still held 10 s after its client left"
-        time.sleep(0.05)
+    unload_once_free(server, IDLE_WITHIN, "still held after its client left")  # its stream is closed
     load(server)
     with httpx.stream("POST", server.v1 + "/chat/completions", json={**body, "max_tokens": 3}, timeout=60) as read:
         assert list(read.iter_lines())[-2:] == ["data: [DONE]", ""]
@@ -147,20 +147,11 @@ def test_a_cancelled_request_holds_the_model_until_its_thread_ends(server, how):
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.v1 + "/chat/completions", json=slow_chat(), timeout=httpx.Timeout(120, read=0.3))
-    ended = time.monotonic()
-    assert ended - started < 1.0
+    assert time.monotonic() - started < 1.0
     assert_model_busy(unload(server))  # the request is over; its thread is not
-    freed = None
-    while time.monotonic() - ended < 60:
-        response = unload(server)
-        if response.status_code == 200:
-            freed = time.monotonic()
-            break
-        assert_model_busy(response)
-        time.sleep(0.02)
-    assert freed is not None, "still busy a minute after the request ended"
+    unload_once_free(server, 60, "still busy after the request ended")
     assert server.process.poll() is None
-    assert model_state(server) == "unloaded"
+    assert server.model_state() == "unloaded"
 
 
 @pytest.mark.parametrize(
@@ -224,13 +215,13 @@ def test_the_idle_sweep_never_unloads_under_a_prompt_being_tokenized(tmp_path):
     request loads the model (the sweep has unloaded it since start-up), then tokenizes."""
     idle = start_server(tmp_path, {**SETTINGS, "LLM_UNLOAD_AFTER_SECONDS": "0.2"})
     try:
-        wait_until_unloaded(idle)
+        wait_for_state(idle, "unloaded", within=30)
         thread, outcome = in_background(
             lambda: httpx.post(idle.v1 + "/chat/completions", json=slow_chat(), timeout=120)
         )
         states = []  # (when, state) while the request runs
         while thread.is_alive():
-            state = model_state(idle)
+            state = idle.model_state()
             states.append((time.monotonic(), state))
             time.sleep(0.05)
         assert result_of(outcome).status_code == 400
@@ -241,6 +232,6 @@ def test_the_idle_sweep_never_unloads_under_a_prompt_being_tokenized(tmp_path):
         assert {state for _, state in held} == {"ready"}, states  # once loaded, never unloaded under the request
         assert held[-1][0] - held[0][0] > 0.2 + SLOW_TOKENIZING_S  # well past the idle timeout and a sweep
         assert idle.process.poll() is None
-        wait_until_unloaded(idle)  # idle again: the sweep does unload it
+        wait_for_state(idle, "unloaded", within=30)  # idle again: the sweep does unload it
     finally:
         idle.stop()

@@ -235,5 +235,5 @@ def test_the_body_limits_are_settings(small):
 
 
 def test_openapi_shows_the_limits(small):
-    schemas = httpx.get(small.base_url + "/openapi.json").json()["components"]["schemas"]
+    schemas = small.get("/openapi.json").json()["components"]["schemas"]
     assert schemas["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] == 3

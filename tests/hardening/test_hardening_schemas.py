@@ -20,7 +20,6 @@ from pydantic import BaseModel, Field
 
 from tests.conftest import MODEL, start_server
 from tests.contract.test_errors import assert_error, post
-from tests.routing.test_routing import upstream  # noqa: F401 (a fixture: the upstream of tests/upstream.py)
 
 SCHEMA = "response_format.json_schema.schema"
 CANARY = "canary_7c1e"  # a property name in every bad schema: it must never reach the log

@@ -19,7 +19,7 @@ from uvicorn.server import ServerState
 
 from gateway.front.server import GatewayHttpProtocol, http_protocol
 from gateway.settings import Settings
-from tests.conftest import MODEL, start_server
+from tests.conftest import IDLE_WITHIN, MODEL, start_server, wait_for
 
 TIMEOUT = 1.0  # header, body and keep-alive timeouts of the gateway under test
 MAX_CONNECTIONS = 40
@@ -215,10 +215,9 @@ def test_beyond_the_connection_limit_requests_get_503_and_service_recovers(front
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "too_many_connections"
     assert refused.headers["retry-after"] == "1"
-    deadline = time.monotonic() + 2
-    while httpx.get(front.base_url + "/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "still refusing after the idle connections closed"
-        time.sleep(0.05)
+    wait_for(
+        lambda: front.get("/health").status_code == 200, IDLE_WITHIN, "still refusing after the idle connections closed"
+    )
 
 
 def test_a_long_streaming_answer_outlives_every_read_timeout(front):

@@ -24,7 +24,6 @@ import yaml
 
 from gateway.upstream.client import HTTP_CLIENTS, Limits, UpstreamUnavailable
 from tests.conftest import start_server
-from tests.unit.test_http1 import tls_server_context  # noqa: F401 (a fixture)
 from tests.upstream import RawRequest, RawUpstream, raw_completion
 
 BIG = 200 * 1000 * 1000  # bytes of the body no provider should be able to make the gateway hold

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
-
-from tests.conftest import start_server
+from tests.conftest import start_server, wait_for_state
 
 
 def test_model_that_fails_to_load_gives_503(tmp_path):
@@ -12,16 +10,13 @@ def test_model_that_fails_to_load_gives_503(tmp_path):
     broken.write_bytes(b"GGUF" + b"\0" * 64)
     server = start_server(tmp_path, {"LLM_MODEL": str(broken)}, wait_ready=False)
     try:
-        for _ in range(100):
-            health = httpx.get(server.base_url + "/health").json()
-            if health["status"] == "error":
-                break
-        assert health["status"] == "error"
-        assert health["models"][0]["state"] == "failed"
-        response = httpx.post(
-            server.v1 + "/chat/completions",
-            json={"model": "broken", "messages": [{"role": "user", "content": "hi"}]},
-        )
+        wait_for_state(server, "failed", "broken")
+        health = server.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "error")
+        ready = server.get("/ready")
+        assert (ready.status_code, ready.json()) == (503, {"status": "failed", "model": "broken"})
+        body = {"model": "broken", "messages": [{"role": "user", "content": "hi"}]}
+        response = server.post("/v1/chat/completions", json=body)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "model_not_ready"
         assert "Retry-After" in response.headers

@@ -1,17 +1,22 @@
-"""Several local models under a tiny memory budget (the default GGUF served under several names): the
-least recently used idle model is evicted, a model serving a request never is, and 507 says why."""
+"""The memory governor on running gateways. Under a tiny budget, several local models (the default GGUF served
+under several names): the least recently used idle model is evicted, a model serving a request never is, and 507
+says why. Under each pressure level, an idle model leaves after that level's idle time."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import yaml
 
-from tests.conftest import start_server
-from tests.lifecycle.test_model_lifecycle import chat, model_file, model_state
+from tests.conftest import MODEL, start_server, wait_for
+from tests.lifecycle.test_model_lifecycle import SMALL, chat, model_file
 
 MiB = 1 << 20
+# Budgets that put the default model with SMALL settings (~98 MiB: weights and a 256-token KV cache) at each
+# pressure level: ~93 %, ~85 %, ~70 %. Its load needs room for the registry's estimate (0.1 GiB) too.
+PRESSURE_BUDGETS_MIB = {"critical": 105, "high": 115, "moderate": 140}
 
 
 def models_config(tmp_path, contexts: dict[str, int]) -> str:
@@ -30,7 +35,7 @@ def models_config(tmp_path, contexts: dict[str, int]) -> str:
 
 def unloads(server, model: str, reason: str) -> float:
     line = f'llm_model_events_total{{event="unload_{reason}",model="{model}"}} '
-    text = httpx.get(server.base_url + "/metrics").text
+    text = server.get("/metrics").text
     return next((float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)), 0.0)
 
 
@@ -40,12 +45,12 @@ def test_least_recently_used_idle_model_is_evicted(tmp_path):
     server = start_server(tmp_path, {"LLM_CONFIG": config, "LLM_MEMORY_BUDGET_MB": "250"})
     try:
         health = server.health()
-        assert [model_state(server, m) for m in ("model-a", "model-b", "model-c")] == ["ready", "unloaded", "unloaded"]
+        assert [server.model_state(m) for m in ("model-a", "model-b", "model-c")] == ["ready", "unloaded", "unloaded"]
         assert health["governor"]["budget_bytes"] == 250 * MiB
         assert chat(server, "model-b").status_code == 200  # loads on first use, both fit
         assert chat(server, "model-a").status_code == 200  # a is now the most recently used
         assert chat(server, "model-c").status_code == 200  # no room for c: b (least recent) leaves
-        states = {m: model_state(server, m) for m in ("model-a", "model-b", "model-c")}
+        states = {m: server.model_state(m) for m in ("model-a", "model-b", "model-c")}
         assert states == {"model-a": "ready", "model-b": "unloaded", "model-c": "ready"}
         assert unloads(server, "model-b", "memory") == 1 and unloads(server, "model-a", "memory") == 0
         governor = server.health()["governor"]
@@ -79,10 +84,41 @@ def test_a_model_serving_a_request_is_never_evicted(tmp_path):
         assert refused.status_code == 507
         error = refused.json()["error"]
         assert error["code"] == "insufficient_memory" and "model-a" in error["message"]
-        assert "MB short" in error["message"] and model_state(server, "model-a") == "ready"
+        assert "MB short" in error["message"] and server.model_state("model-a") == "ready"
         release.set()
         reader.join(120)
         assert chat(server, "model-b").status_code == 200  # a is idle now, so it makes room
-        assert model_state(server, "model-a") == "unloaded" and unloads(server, "model-a", "memory") == 1
+        assert server.model_state("model-a") == "unloaded" and unloads(server, "model-a", "memory") == 1
     finally:
         server.stop()
+
+
+def test_each_pressure_level_unloads_an_idle_model_after_its_own_idle_time(tmp_path):
+    """One model idles on three gateways whose budgets put it at critical, high and moderate pressure: it leaves
+    after 5 s at critical and 30 s at high, and stays at moderate (120 s; LLM_UNLOAD_AFTER_SECONDS is 300)."""
+    servers = {level: start_server(tmp_path, {"LLM_MEMORY_BUDGET_MB": str(mib), **SMALL})
+               for level, mib in PRESSURE_BUDGETS_MIB.items()}  # fmt: skip
+    try:
+        idle_from, unloaded_after = {}, {}
+        for level, server in servers.items():
+            assert server.health()["governor"]["pressure"] == level, server.health()["governor"]
+            assert chat(server).status_code == 200
+            idle_from[level] = time.monotonic()  # the model's idle clock started a moment before
+
+        def high_unloaded() -> bool:
+            for level, server in servers.items():
+                if level not in unloaded_after and server.model_state() == "unloaded":
+                    unloaded_after[level] = time.monotonic() - idle_from[level]
+            return "high" in unloaded_after
+
+        wait_for(high_unloaded, 60, lambda: f"unloaded after (s): {unloaded_after}", interval=0.2)
+        assert 4 < unloaded_after["critical"] < 15, unloaded_after  # 5 s, and a sweep every second
+        assert 29 < unloaded_after["high"], unloaded_after
+        assert "moderate" not in unloaded_after and servers["moderate"].model_state() == "ready"
+        for level in ("critical", "high"):
+            assert unloads(servers[level], MODEL, f"pressure_{level}") == 1
+            governor = servers[level].health()["governor"]
+            assert (governor["pressure"], governor["used_bytes"]) == ("none", 0)
+    finally:
+        for server in servers.values():
+            server.stop()

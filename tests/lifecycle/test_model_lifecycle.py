@@ -14,7 +14,7 @@ import pytest
 
 from gateway.models.registry import ModelRegistry, what_would_fit
 from gateway.settings import Settings
-from tests.conftest import MODEL, free_port, start_server
+from tests.conftest import LOAD_WITHIN, MODEL, free_port, start_server, wait_for, wait_for_state
 
 SMALL = {"LLM_CTX": "256", "LLM_PARALLEL": "1", "LLM_EMBEDDING": "false"}  # a ~100 MB footprint
 HELLO = [{"role": "user", "content": "hi"}]
@@ -60,21 +60,7 @@ class FileServer(http.server.ThreadingHTTPServer):
 
 def chat(server, model: str = MODEL) -> httpx.Response:
     body = {"model": model, "messages": HELLO, "max_tokens": 3}
-    return httpx.post(server.v1 + "/chat/completions", json=body, timeout=120)
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not {what} within {seconds}s")
-
-
-def model_state(server, model: str = MODEL) -> str:
-    return next(m["state"] for m in server.health()["models"] if m["model"] == model)
+    return server.post("/v1/chat/completions", json=body, timeout=120)
 
 
 def test_download_retries_verifies_and_answers_503_while_loading(tmp_path):
@@ -88,8 +74,8 @@ def test_download_retries_verifies_and_answers_503_while_loading(tmp_path):
         busy = wait_for(lambda: (r := chat(server)).status_code == 503 and r, 30, "503 while downloading")
         assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "model_not_ready"
         assert "loading" in busy.json()["error"]["message"]
-        assert httpx.get(server.base_url + "/ready").status_code == 503
-        wait_for(lambda: httpx.get(server.base_url + "/ready").status_code == 200, 120, "ready")
+        assert server.get("/ready").status_code == 503
+        wait_for(lambda: server.get("/ready").status_code == 200, LOAD_WITHIN, "ready")
         assert chat(server).status_code == 200
         assert files.requests == 2  # one failure, one retry
         downloaded = tmp_path / "models" / source.name
@@ -121,16 +107,53 @@ def test_checksum_mismatch_fails_clearly(tmp_path):
            "LLM_MODEL_CHECKSUM": "sha256:" + "0" * 64, "LLM_DOWNLOAD_RETRIES": "0", **SMALL}  # fmt: skip
     server = start_server(tmp_path, env, wait_ready=False)
     try:
-        wait_for(lambda: model_state(server) == "failed", 60, "failed")
+        wait_for_state(server, "failed")
         error = server.health()["models"][0]["error"]
         assert "checksum mismatch" in error
         response = chat(server)
         assert response.status_code == 503 and "checksum mismatch" in response.json()["error"]["message"]
-        assert httpx.get(server.base_url + "/ready").status_code == 503
+        assert server.get("/ready").status_code == 503
         assert not list((tmp_path / "models").iterdir())  # nothing half-written is kept
     finally:
         server.stop()
         files.shutdown()
+
+
+def cached_copy_failing_its_checksum(tmp_path) -> tuple[Path, dict]:
+    """A models folder whose copy of the model is cut short, and settings naming the real file's checksum."""
+    source = model_file()
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / source.name).write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    checksum = "sha256:" + hashlib.sha256(source.read_bytes()).hexdigest()
+    return models / source.name, {"LLM_MODELS_DIR": str(models), "LLM_MODEL_CHECKSUM": checksum,
+                                  "LLM_DOWNLOAD_RETRIES": "0", **SMALL}  # fmt: skip
+
+
+def test_a_cached_file_failing_its_checksum_is_downloaded_again(tmp_path):
+    cached, env = cached_copy_failing_its_checksum(tmp_path)
+    files = FileServer(model_file())
+    server = start_server(tmp_path, {"LLM_MODEL_URL": files.url, **env})
+    try:
+        assert files.requests == 1  # the cut copy was not loaded (it could not be): it was fetched again
+        assert cached.read_bytes() == model_file().read_bytes()
+        assert chat(server).status_code == 200
+    finally:
+        server.stop()
+        files.shutdown()
+
+
+def test_offline_a_cached_file_failing_its_checksum_is_named_as_such(tmp_path):
+    cached, env = cached_copy_failing_its_checksum(tmp_path)
+    unreachable = f"http://127.0.0.1:{free_port()}/files/{cached.name}"
+    server = start_server(tmp_path, {"LLM_MODEL_URL": unreachable, **env}, wait_ready=False)
+    try:
+        wait_for_state(server, "failed")
+        error = server.health()["models"][0]["error"]
+        assert str(cached) in error and unreachable in error
+        assert "checksum" in error and "not cached" not in error
+    finally:
+        server.stop()
 
 
 def test_offline_uses_the_cache_and_names_what_is_missing(tmp_path):
@@ -144,7 +167,7 @@ def test_offline_uses_the_cache_and_names_what_is_missing(tmp_path):
     env = {"LLM_MODEL_URL": unreachable, "LLM_MODELS_DIR": str(empty), "LLM_DOWNLOAD_RETRIES": "0", **SMALL}
     missing = start_server(tmp_path, env, wait_ready=False)
     try:
-        wait_for(lambda: model_state(missing) == "failed", 60, "failed")
+        wait_for_state(missing, "failed")
         error = missing.health()["models"][0]["error"]
         assert f"{empty / model_file().name} is not cached" in error and unreachable in error
     finally:
@@ -156,13 +179,13 @@ def test_a_failed_model_loads_again_once_its_file_is_fixed(tmp_path):
     path.write_bytes(b"GGUF" + b"\0" * 64)
     server = start_server(tmp_path, {"LLM_MODEL": str(path), **SMALL}, wait_ready=False)
     try:
-        wait_for(lambda: model_state(server, "fixable") == "failed", 60, "failed")
+        wait_for_state(server, "failed", "fixable")
         assert chat(server, "fixable").status_code == 503
         path.write_bytes(model_file().read_bytes())
-        loaded = httpx.post(f"{server.v1}/models/fixable/load", timeout=120)
+        loaded = server.post("/v1/models/fixable/load", timeout=120)
         assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
         assert chat(server, "fixable").status_code == 200
-        assert httpx.get(server.base_url + "/ready").status_code == 200
+        assert server.get("/ready").status_code == 200
     finally:
         server.stop()
 
@@ -170,21 +193,22 @@ def test_a_failed_model_loads_again_once_its_file_is_fixed(tmp_path):
 def test_idle_unload_prewarm_and_explicit_unload(tmp_path):
     server = start_server(tmp_path, {"LLM_UNLOAD_AFTER_SECONDS": "2", **SMALL})
     try:
-        wait_for(lambda: model_state(server) == "unloaded", 30, "unloaded after 2 s idle")
+        wait_for_state(server, "unloaded", within=30)  # idle for 2 s
         health = server.health()
         assert health["status"] == "ok" and health["governor"]["used_bytes"] == 0
-        assert httpx.get(server.base_url + "/ready").status_code == 200  # it reloads on the next request
-        warm = httpx.post(f"{server.v1}/models/{MODEL}/load", timeout=120).json()
+        assert server.get("/ready").status_code == 200  # it reloads on the next request
+        warm = server.post(f"/v1/models/{MODEL}/load", timeout=120).json()
         assert warm["state"] == "ready" and warm["memory_bytes"] > 50_000_000
         assert server.health()["governor"]["models"] == {MODEL: warm["memory_bytes"]}
-        cold = httpx.post(f"{server.v1}/models/{MODEL}/unload").json()
+        cold = server.post(f"/v1/models/{MODEL}/unload").json()
         assert cold == {"id": MODEL, "object": "model.state", "state": "unloaded", "memory_bytes": 0}
+        assert server.get("/ready").json() == {"status": "ready", "model": MODEL}  # as after an idle unload
         assert chat(server).status_code == 200  # loads again on first use
-        metrics = httpx.get(server.base_url + "/metrics").text
+        metrics = server.get("/metrics").text
         assert f'llm_model_events_total{{event="unload_idle",model="{MODEL}"}} 1.0' in metrics
         assert f'llm_model_events_total{{event="unload_request",model="{MODEL}"}} 1.0' in metrics
         assert f'llm_model_events_total{{event="load",model="{MODEL}"}} 3.0' in metrics
-        assert httpx.post(f"{server.v1}/models/nope/load").json()["error"]["code"] == "model_not_found"
+        assert server.post("/v1/models/nope/load").json()["error"]["code"] == "model_not_found"
     finally:
         server.stop()
 
@@ -196,27 +220,31 @@ def test_the_idle_clock_starts_when_a_load_ends(tmp_path):
            **SMALL}  # fmt: skip
     server = start_server(tmp_path, env, wait_ready=False)
     try:
-        wait_for(lambda: model_state(server) == "ready", 120, "loaded")
+        wait_for_state(server, "ready")
         loaded = time.monotonic()
-        while time.monotonic() - loaded < 2.5:  # well inside the 4 s, well past a sweep (every second)
-            assert model_state(server) == "ready"
+        while time.monotonic() - loaded < 2.0:  # well inside the 4 s, well past a sweep (every second)
+            assert server.model_state() == "ready"
             time.sleep(0.1)
-        wait_for(lambda: model_state(server) == "unloaded", 30, "unloaded once idle for 4 s")
+        wait_for_state(server, "unloaded", within=30)  # idle for 4 s
     finally:
         server.stop()
         files.shutdown()
 
 
-def test_a_model_that_cannot_fit_gets_507(tmp_path):
-    server = start_server(tmp_path, {"LLM_MEMORY_BUDGET_MB": "50", **SMALL}, wait_ready=False)
+def test_a_default_model_that_cannot_fit_stays_unloaded_and_gets_507(tmp_path):
+    """Not `failed`: /health stays 200 ok, /ready 503 unloaded, and every request gets 507 saying why."""
+    server = start_server(tmp_path, {"LLM_MEMORY_BUDGET_MB": "50", **SMALL})
     try:
-        response = wait_for(lambda: (r := chat(server)).status_code == 507 and r, 60, "507")
+        response = chat(server)
+        assert response.status_code == 507, response.text
         error = response.json()["error"]
         assert error["type"] == "insufficient_storage" and error["code"] == "insufficient_memory"
         assert error["param"] == "model" and "MB short" in error["message"]
         assert "No model in the registry fits" in error["message"]
-        assert model_state(server) == "unloaded"
-        assert httpx.get(server.base_url + "/ready").status_code == 503
+        health = server.get("/health")
+        assert (health.status_code, health.json()["status"], server.model_state()) == (200, "ok", "unloaded")
+        ready = server.get("/ready")
+        assert (ready.status_code, ready.json()) == (503, {"status": "unloaded", "model": MODEL})
     finally:
         server.stop()
 

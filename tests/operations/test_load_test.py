@@ -7,8 +7,6 @@ import json
 import subprocess
 import sys
 
-import httpx
-
 from tests.conftest import MODEL, ROOT, start_server
 
 
@@ -26,7 +24,7 @@ def test_load_test_finishes_with_zero_errors(tmp_path):
         assert report["requests_per_second"] > 0 and report["tokens_per_second"] > 0
         assert report["latency_seconds"]["p99"] >= report["latency_seconds"]["p50"] >= report["ttft_seconds"]["p50"]
         assert "requests" in result.stderr  # the progress bar
-        metrics = httpx.get(server.base_url + "/metrics").text
+        metrics = server.get("/metrics").text
         line = f'llm_completion_tokens_total{{model="{MODEL}",target="local"}} {float(report["completion_tokens"])}'
         assert line in metrics
     finally:

@@ -11,11 +11,12 @@ import threading
 
 import httpx
 import pytest
+import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.telemetry import metrics
-from tests.conftest import MODEL, start_server
+from tests.conftest import LOAD_WITHIN, MODEL, free_port, start_server, wait_for
 
 SECRET_KEY = "sk-test-never-log-this-key"
 PROMPT_MARKER = "zebra-marker-prompt-text"
@@ -82,13 +83,13 @@ def _send_known_traffic(server) -> dict:
         stream_options={"include_usage": True}, **ONE_TOKEN,
     )  # fmt: skip
     usages.append([chunk for chunk in stream if chunk.usage][0].usage)
-    missing = httpx.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": messages})
+    missing = server.post("/v1/chat/completions", json={"model": "nope", "messages": messages})
     assert missing.status_code == 404
     return {"usages": usages}
 
 
 def _samples(server) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    text = server.get("/metrics").text
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -135,7 +136,7 @@ def test_routing_counters_for_other_modules():
 
 def test_metrics_json_summary(observed):
     server, _, _ = observed
-    summary = httpx.get(server.base_url + "/metrics", params={"format": "json"}).json()
+    summary = server.get("/metrics", params={"format": "json"}).json()
     assert summary["model"] == MODEL
     assert summary["device"] == "cpu" and summary["gpu_name"] is None  # CI has no GPU
     assert summary["memory"]["allocated_bytes"] == summary["models"][0]["memory_bytes"] > 0
@@ -198,16 +199,34 @@ def test_ready_differs_from_health_while_loading(tmp_path):
     server = start_server(tmp_path, {"LLM_CTX": "8192"}, wait_ready=False)
     try:
         seen = set()
-        for _ in range(600):
-            ready = httpx.get(server.base_url + "/ready")
-            health = httpx.get(server.base_url + "/health")
-            seen.add((ready.status_code, health.json()["status"]))
-            if ready.status_code == 503:
-                assert ready.headers["Retry-After"] and health.status_code == 200
-            if ready.status_code == 200:
-                break
-        assert ready.json() == {"status": "ready", "model": MODEL}
+
+        def ready() -> httpx.Response | None:
+            answer, health = server.get("/ready"), server.get("/health")
+            seen.add((answer.status_code, health.json()["status"]))
+            if answer.status_code == 503:
+                assert answer.headers["Retry-After"] and health.status_code == 200
+            return answer if answer.status_code == 200 else None
+
+        assert wait_for(ready, LOAD_WITHIN, "not ready").json() == {"status": "ready", "model": MODEL}
         assert (503, "loading") in seen and (200, "ok") in seen
+    finally:
+        server.stop()
+
+
+def test_ready_waits_for_the_first_public_name_of_a_routing_config(tmp_path):
+    """Here the file's first model is served by a provider only: ready at once (a remote target counts as ready,
+    reachable or not), while the local model named after it has not loaded at all."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "targets": {"cloud": {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "m"},
+                    "local": {"type": "local"}},
+        "models": {"cloud-model": {"targets": ["cloud"]}, MODEL: {"targets": ["local"]}},
+    }))  # fmt: skip
+    server = start_server(tmp_path, {"LLM_CONFIG": str(config)})
+    try:
+        ready = server.get("/ready")
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready", "model": "cloud-model"})
+        assert server.model_state() == "unloaded"  # only the first name's local targets load at start-up
     finally:
         server.stop()
 
@@ -223,16 +242,15 @@ def test_health_and_ready_report_an_engine_inside_one_step_too_long(tmp_path):
         embedding.start()
         seen = set()
         while embedding.is_alive():
-            health = httpx.get(server.base_url + "/health")
-            ready = httpx.get(server.base_url + "/ready")
+            health, ready = server.get("/health"), server.get("/ready")
             seen.add((health.status_code, health.json()["status"], ready.status_code, ready.json()["status"]))
             if health.json()["status"] == "stalled":
                 assert health.json()["models"][0]["state"] == "stalled"
                 assert health.json()["models"][0]["busy_s"] > 0.05
         embedding.join()
         assert (503, "stalled", 503, "stalled") in seen, seen
-        after = httpx.get(server.base_url + "/health")
+        after = server.get("/health")
         assert after.status_code == 200 and after.json()["status"] == "ok"
-        assert httpx.get(server.base_url + "/ready").json()["status"] == "ready"
+        assert server.get("/ready").json()["status"] == "ready"
     finally:
         server.stop()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, free_port, start_server, wait_for, wait_until_idle
+from tests.conftest import HTTP_TIMEOUT, MODEL, free_port, start_server, wait_for, wait_for_state, wait_until_idle
 from tests.upstream import Upstream
 
 GATEWAY_KEY = "sk-right-key-for-tests"
@@ -39,7 +39,8 @@ def routing_config(upstream: Upstream, peer_url: str) -> dict:
         "local": {"type": "local", "parallel": 1, "max_waiting": 0},
         "peer": {"type": "openai", "base_url": peer_url, "model": MODEL, "api_key_env": "PEER_KEY"},
         "refused": {"type": "openai", "base_url": closed, "model": "x"},
-        **{name: remote(name) for name in ["a-500", "b-500", "c-429", "d-400", "e-cut3", "f-fail2", "breaker-ok"]},
+        **{name: remote(name) for name in ["a-500", "b-500", "c-429", "d-400", "e-cut3", "f-fail2", "breaker-ok",
+                                           "k-500", "l-500", "m-empty"]},
         "stalled": remote("g-stall", read_timeout=1),
         "slow": remote("h-stall"),  # outlasts a short request timeout
         "echo-tools": remote("i-tools"),
@@ -57,9 +58,11 @@ def routing_config(upstream: Upstream, peer_url: str) -> dict:
         "limited-then-good": ["c-429", "good"],
         "bad-request-then-good": ["d-400", "good"],
         "cut-then-good": ["e-cut3", "good"],
+        "empty-then-local": ["m-empty", "local"],
         "flaky": ["f-fail2"],
         "all-down": ["refused", "b-500"],
         "breaker-then-spare": ["breaker-ok", "spare"],
+        "soon-all-cooling": ["k-500", "l-500"],
         "slow-only": ["slow"],
         "tools-anywhere": ["local", "echo-tools"],
         "first-token": ["good"],
@@ -78,13 +81,6 @@ def routing_config(upstream: Upstream, peer_url: str) -> dict:
                      {"key": LIMITED_KEY, "name": "limited", "requests_per_minute": 2},
                      *({"key": key, "tokens_per_minute": limit} for key, limit in TOKENS_PER_MINUTE.items())],
     }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    server = Upstream(free_port()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +134,7 @@ def hits(upstream: Upstream, name: str) -> int:
 
 def sample(server, name: str, **labels: str) -> float:
     """A sample from the gateway's /metrics (0 when it has not been recorded yet)."""
-    for family in text_string_to_metric_families(httpx.get(server.base_url + "/metrics").text):
+    for family in text_string_to_metric_families(server.get("/metrics").text):
         for found in family.samples:
             if found.name == name and labels.items() <= found.labels.items():
                 return found.value
@@ -152,11 +148,8 @@ def counter(server, name: str, **labels: str) -> float:
 def access_line(server, model: str) -> dict:
     """The access-log record of the one request for `model` (written just after its response ended)."""
 
-    def found() -> list[dict]:
-        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-        return [line for line in lines if line["logger"] == "gateway.access" and line.get("model") == model]
-
-    (line,) = wait_for(found, 10, f"no access-log line for {model}")
+    (line,) = wait_for(lambda: [line for line in server.access_log() if line.get("model") == model], 10,
+                       f"no access-log line for {model}")  # fmt: skip
     return line
 
 
@@ -245,6 +238,11 @@ def test_failure_after_output_ends_the_stream_with_an_error_event(routed):
     assert events[4] == "[DONE]"
 
 
+def test_a_stream_that_ends_before_its_first_chunk_falls_back(client):
+    headers, text = stream_text(client, "empty-then-local")
+    assert headers["x-llm-target"] == "local" and text
+
+
 def test_all_targets_failing_gives_a_final_error_that_says_do_not_retry(client):
     with pytest.raises(openai.InternalServerError) as error:
         ask(client, "all-down")
@@ -255,7 +253,7 @@ def test_all_targets_failing_gives_a_final_error_that_says_do_not_retry(client):
 
 def test_a_failing_target_cools_down_is_skipped_and_recovers(client, routed, upstream):
     control = f"http://127.0.0.1:{upstream.port}/control/breaker-ok"
-    httpx.put(control, json={"mode": "500"})
+    httpx.put(control, json={"mode": "500"}, timeout=HTTP_TIMEOUT)
     assert ask(client, "breaker-then-spare")[0]["x-llm-target"] == "spare"
     target = routed.health()["targets"]["breaker-ok"]
     assert target["state"] == "cooling" and target["cooldown_remaining_s"] > 0
@@ -263,10 +261,26 @@ def test_a_failing_target_cools_down_is_skipped_and_recovers(client, routed, ups
     tried = hits(upstream, "breaker-ok")
     assert ask(client, "breaker-then-spare")[0]["x-llm-target"] == "spare"
     assert hits(upstream, "breaker-ok") == tried  # skipped while cold
-    httpx.put(control, json={"mode": "ok"})
+    httpx.put(control, json={"mode": "ok"}, timeout=HTTP_TIMEOUT)
     time.sleep(COOLDOWN + 0.5)
     assert ask(client, "breaker-then-spare")[0]["x-llm-target"] == "breaker-ok"
     assert routed.health()["targets"]["breaker-ok"]["state"] == "ok"
+
+
+def test_when_every_target_is_cooling_down_the_answer_is_503_targets_unavailable(client, upstream):
+    with pytest.raises(openai.InternalServerError) as first:
+        ask(client, "soon-all-cooling")  # three tries on each: both cool down
+    assert first.value.body["code"] == "upstream_500"
+    tried = hits(upstream, "k-500"), hits(upstream, "l-500")
+    assert tried == (3, 3)
+    with pytest.raises(openai.InternalServerError) as error:
+        ask(client, "soon-all-cooling")
+    assert (error.value.status_code, error.value.body["code"], error.value.body["type"]) == (
+        503, "targets_unavailable", "server_error")  # fmt: skip
+    headers = error.value.response.headers
+    assert 1 <= int(headers["retry-after"]) <= math.ceil(COOLDOWN) and headers["x-should-retry"] == "false"
+    assert "x-llm-target" not in headers  # no target was tried
+    assert (hits(upstream, "k-500"), hits(upstream, "l-500")) == tried
 
 
 # ---- timeouts, disconnects, queues -------------------------------------------------------------------
@@ -374,9 +388,7 @@ def test_a_client_leaving_before_its_body_is_sent_is_logged_as_499_without_an_er
             + GATEWAY_KEY.encode() + b"\r\n\r\n" + b'{"model": "small",'
         )
         time.sleep(0.3)  # the gateway is waiting for the rest of the body
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and request_id not in routed.log():
-        time.sleep(0.1)
+    wait_for(lambda: any(line.get("request_id") == request_id for line in routed.access_log()), 10, "no access line")
     lines = [json.loads(line) for line in routed.log().splitlines() if request_id in line]
     assert [line["status"] for line in lines if line.get("message") == "request"] == [499]
     assert all(line["level"] == "info" for line in lines)  # no unexpected error, no traceback
@@ -484,7 +496,7 @@ def test_a_local_only_model_answers_400_naming_what_it_cannot_do(client, change,
 def test_api_keys(routed):
     chat = routed.v1 + "/chat/completions"
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert httpx.get(routed.base_url + "/health").status_code == 200  # open for probes
+    assert routed.get("/health").status_code == 200  # open for probes
     for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"x-api-key": "sk-wrong"}):
         response = httpx.post(chat, json=body, headers=headers, timeout=30)
         assert response.status_code == 401
@@ -571,9 +583,7 @@ def test_env_only_fallback_through_the_other_clients(tmp_path, upstream, http_cl
     }  # fmt: skip
     server = start_server(tmp_path, env, wait_ready=False)
     try:
-        deadline = time.monotonic() + 60
-        while server.health()["models"][0]["state"] != "failed" and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_state(server, "failed", "broken")
         client = server.client()
         headers, reply = ask(client, "broken")
         assert headers["x-llm-target"] == "fallback"

@@ -11,7 +11,6 @@ import json
 import ssl
 
 import pytest
-import trustme
 import uvloop
 
 from gateway.upstream.client import Http1Client, Limits, UpstreamUnavailable
@@ -208,18 +207,6 @@ def test_a_stalled_server_times_out(run):
         assert asyncio.get_running_loop().time() - started < 3
 
     run(main())
-
-
-@pytest.fixture
-def tls_server_context(tmp_path, monkeypatch) -> ssl.SSLContext:
-    """A server certificate for localhost from a CA that this test's clients trust (through SSL_CERT_FILE,
-    which the default TLS context reads when it is made) and no other does."""
-    authority = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(context)
-    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-    return context
 
 
 def _answer_every_request(reader, writer):
