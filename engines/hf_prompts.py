@@ -7,10 +7,17 @@ prompt threads), so a request gets the same token ids, and the same usage counts
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+from typing import Any
+
+from jinja2 import TemplateError
 
 from engines.base import ContextLengthExceeded, Prompt, UnsupportedFeature, too_long_to_tokenize
 from engines.text import INLINE_TOKENIZE_CHARS
+
+# How much of a template's own error message a 400 quotes.
+TEMPLATE_ERROR_CHARS = 300
 
 
 def longest_piece(tokenizer) -> int | None:
@@ -32,17 +39,45 @@ def longest_piece(tokenizer) -> int | None:
     return max([max(map(len, tokenizer.get_vocab())), *(len(t.content.encode()) for t in added)])
 
 
+@functools.cache
+def reserved_template_names(tokenizer_class: type) -> frozenset[str]:
+    """Names template variables may not take: `apply_chat_template`'s own arguments, and `messages`, which it
+    passes to the template itself."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(tokenizer_class.apply_chat_template).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind in named and p.name != "self") | {"messages"}
+
+
 class HFPrompts:
     """Mixin: the engine provides `self._tokenizer`, `self._longest_piece` (`longest_piece` of it),
     `self._require_ready()` and `self._off_loop()`."""
 
-    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+    async def chat_template(self) -> str | None:
         self._require_ready()
-        return await self._off_loop(self._render_chat, messages)
+        return self._tokenizer.get_chat_template(tools=[])  # of a model with several templates, the one for tools
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+    async def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+        template_args: dict[str, Any] | None = None,
+    ) -> Prompt:  # fmt: skip
+        self._require_ready()
+        template_args = template_args or {}
+        if clash := sorted(set(template_args) & reserved_template_names(type(self._tokenizer))):
+            raise UnsupportedFeature(f"template variables {clash} are reserved", param="chat_template_kwargs")
+        return await self._off_loop(self._render_chat, messages, tools, template_args)
+
+    def _render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     template_args: dict[str, Any]) -> Prompt:  # fmt: skip
         """On a prompt thread: a template takes time that grows with the messages."""
-        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **template_args
+            )
+        except (TemplateError, TypeError) as exc:  # the template refused these messages (raise_exception) or
+            # could not read them (a None content added to a string): the request's fault, not the server's
+            detail = str(exc)[:TEMPLATE_ERROR_CHARS]
+            raise UnsupportedFeature(f"the model's chat template cannot render these messages: {detail}",
+                                     param="messages") from None  # fmt: skip
         tokens = self._encode(text, add_special=False, window=self.context_length(), param="messages")
         return Prompt(text=text, token_ids=tokens)
 

@@ -1,4 +1,4 @@
-"""Checks a client's JSON schema (`response_format`) before any engine turns it into a grammar.
+"""Checks a client's JSON schema (`response_format`, a tool's parameters) before any engine turns it into a grammar.
 
 Engines compile schemas into grammars whose size grows with the schema's bounds (`maxLength: 1000` is a thousand
 nested optional groups for llama.cpp), and their converters fail in their own ways on schemas they cannot read.
@@ -190,7 +190,8 @@ class _SchemaCheck:
         return target, target_path
 
     def fail(self, path: tuple, message: str) -> NoReturn:
-        raise InvalidSchema(f"Invalid schema for response_format: {message}", param=self.param + _render(path))
+        where = self.param.split(".")[0]  # response_format, or tools[i]
+        raise InvalidSchema(f"Invalid schema for {where}: {message}", param=self.param + _render(path))
 
 
 def _render(path: tuple) -> str:

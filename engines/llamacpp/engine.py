@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
+import jinja2
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -16,19 +17,34 @@ from engines.base import (
     Delta,
     Embeddings,
     EngineConfig,
+    EngineError,
     Prompt,
     SamplingParams,
     UnsupportedFeature,
     too_long_to_tokenize,
 )
 from engines.common import BaseEngine
-from engines.llamacpp.native import Batch, Vocab, json_grammar, model_metadata, native_logs_while_loading
+from engines.llamacpp.native import (
+    Batch,
+    Vocab,
+    json_grammar,
+    model_metadata,
+    native_logs_while_loading,
+    tool_call_grammar,
+)
 from engines.llamacpp.scheduler import Scheduler
 from engines.worker_thread import deltas
 
 log = logging.getLogger(__name__)
 MAX_EMBEDDING_TOKENS = 512
 CPU_GATHER_S = 0.003  # how long a request reaching an idle CPU engine waits for the rest of its burst
+
+
+class ChatTemplateRefused(EngineError):
+    """The model's chat template cannot render these messages (its `raise_exception`, or data it cannot handle)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
 
 
 class LlamaCppEngine(BaseEngine[Scheduler]):
@@ -40,6 +56,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         self._ctx = None
         self._embed_ctx = None
         self._vocab: Vocab | None = None
+        self._chat_template: str | None = None
         self._chat_formatter: Jinja2ChatFormatter | None = None
         self._scheduler: Scheduler | None = None
         self._n_embd: int | None = None  # the embedding width, known when embeddings are on
@@ -65,6 +82,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {config.model_path}")
         self._vocab = Vocab(self._model)
+        self._chat_template = model_metadata(self._model, "tokenizer.chat_template")
         self._chat_formatter = self._load_chat_formatter()
         # One KV stream of `context_length` cells per slot, so every request gets the whole window.
         self._ctx = self._new_context(
@@ -100,12 +118,13 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         return ctx
 
     def _load_chat_formatter(self) -> Jinja2ChatFormatter | None:
-        template = model_metadata(self._model, "tokenizer.chat_template")
-        if template is None:
+        """llama-cpp-python's Jinja renderer does what Hugging Face's does for templates: a sandbox, loop controls,
+        `tojson` with its arguments, `raise_exception`, `strftime_now`, and any extra variables."""
+        if self._chat_template is None:
             return None
         vocab = self._vocab
         return Jinja2ChatFormatter(
-            template=template,
+            template=self._chat_template,
             eos_token=vocab.piece(vocab.eos, special=True).decode(errors="replace"),
             bos_token=vocab.piece(vocab.bos, special=True).decode(errors="replace"),
         )
@@ -164,18 +183,30 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     # ---- prompts ---------------------------------------------------------------------------
 
-    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+    async def chat_template(self) -> str | None:
+        return self._chat_template
+
+    async def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+        template_args: dict[str, Any] | None = None,
+    ) -> Prompt:  # fmt: skip
         scheduler = self._require_ready()
         if self._chat_formatter is None:
             raise UnsupportedFeature(
                 f"model {self.config.served_name!r} has no chat template; use /v1/completions", param="model"
             )
         with scheduler.intake():
-            return await self._off_loop(self._render_chat, messages)
+            return await self._off_loop(self._render_chat, messages, tools, template_args or {})
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+    def _render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     template_args: dict[str, Any]) -> Prompt:  # fmt: skip
         """On a prompt thread: a template takes time that grows with the messages."""
-        text = self._chat_formatter(messages=messages).prompt
+        try:
+            text = self._chat_formatter(messages=messages, tools=tools, **template_args).prompt
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # ValueError: the template's raise_exception
+            raise ChatTemplateRefused(
+                f"The model's chat template cannot render these messages: {str(exc)[:300]}", param="messages"
+            ) from exc
         window = self.context_length()
         tokens = self._encode(text, add_special=False, parse_special=True, window=window, param="messages")
         return Prompt(text=text, token_ids=tokens)
@@ -211,8 +242,14 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         scheduler = self._require_ready()
-        grammar = await asyncio.to_thread(json_grammar, params.json_schema) if params.json_schema is not None else None
-        sequence = scheduler.submit(prompt.token_ids, params, grammar)
+        grammar, shown = None, frozenset()
+        if params.tool_calls is not None:
+            grammar = await asyncio.to_thread(tool_call_grammar, params.tool_calls)
+            # A control token in the markers ("[TOOL_CALLS]") is text the client's parser must see.
+            shown = self._vocab.control_tokens_in(params.tool_calls.begin + params.tool_calls.end)
+        elif params.json_schema is not None:
+            grammar = await asyncio.to_thread(json_grammar, params.json_schema)
+        sequence = scheduler.submit(prompt.token_ids, params, grammar, shown)
         try:
             async for delta in deltas(sequence, scheduler):
                 yield delta

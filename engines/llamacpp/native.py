@@ -16,9 +16,9 @@ from typing import Iterator
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_grammar import json_schema_to_gbnf
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
 
-from engines.base import END_OFF, SamplingParams
+from engines.base import END_OFF, SamplingParams, ToolCallConstraint
 from engines.json_schema import InvalidSchema
 from engines.llamacpp.steps import SlotSampling
 
@@ -30,6 +30,7 @@ SPLIT_SPECIALS = 256  # special tokens in each part of a prompt handed to llama.
 # much deeper itself, gracefully).
 MAX_GRAMMAR_NESTING = 1_000
 MAX_GRAMMAR_CHARS = 1 << 20  # the engine thread parses the grammar of every sequence that uses one
+MAX_JSON_NESTING = 8  # objects and arrays in free-form JSON (json_object): a small model may open them forever
 # A quoted literal, or a character class (its ^ and its body): the grammar's terminals.
 _GBNF_TERMINALS = re.compile(r'"((?:\\.|[^"\\])*)"|\[(\^?)((?:\\.|[^\]\\])*)\]', re.DOTALL)
 _GBNF_CHAR = re.compile(r"\\x([0-9a-fA-F]{2})|\\u([0-9a-fA-F]{4})|\\U([0-9a-fA-F]{8})|\\(.)|(.)", re.DOTALL)
@@ -95,6 +96,8 @@ class Vocab:
         # A text split after a special token tokenizes as the whole does, unless a token is added at its end.
         self._splittable = exact and not self._strips_spaces and not llama_cpp.llama_vocab_get_add_eos(self.ptr)
         self._specials = {parse: self._special_texts(attributes, parse) for parse in (True, False)}
+        controls = (t for t, attribute in enumerate(attributes) if attribute & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+        self._controls = {llama_cpp.llama_vocab_get_text(self.ptr, t): t for t in controls}
 
     def _special_texts(self, attributes: list[int], parse_special: bool) -> list[bytes]:
         """The texts llama.cpp cuts out of a text before tokenizing the rest, in its order (longest first). Without
@@ -105,6 +108,11 @@ class Vocab:
         tokens = [t for t, attribute in enumerate(attributes) if attribute & cut]
         texts = filter(None, (llama_cpp.llama_vocab_get_text(self.ptr, t) for t in tokens))
         return sorted(texts, key=len, reverse=True)
+
+    def control_tokens_in(self, text: str) -> frozenset[int]:
+        """The control tokens whose texts occur in `text`: a sequence that must show them as text asks for these."""
+        data = text.encode()
+        return frozenset(t for piece, t in self._controls.items() if piece and piece in data)
 
     def split_prompt(self, data: bytes, *, parse_special: bool, most: int) -> tuple[list[bytes], int]:
         """`data` in parts to tokenize one after the other, and a lower bound on its tokens, exact enough to refuse
@@ -212,23 +220,40 @@ def model_metadata(model, key: str) -> str | None:
 
 
 def json_grammar(schema: dict) -> str:
-    """GBNF for JSON matching `schema`. Whitespace is limited to one optional space between tokens,
-    so a small model cannot fill `max_tokens` with newlines and never close the object. A schema it cannot
-    express, or whose grammar is beyond what llama.cpp can safely load, is a 400."""
-    grammar, error = _json_grammar(json.dumps(schema))
+    """GBNF for compact JSON matching `schema`. A schema it cannot express, or whose grammar is beyond what llama.cpp
+    can safely load, is a 400."""
+    return _checked(_grammar(json.dumps(schema), None), "response_format")
+
+
+def tool_call_grammar(calls: ToolCallConstraint) -> str:
+    """GBNF for `calls`' sections: from the first token when forced; when lazy, after free text that holds no `begin`
+    up to the first `begin`. One grammar from the start rather than llama.cpp's lazy grammar: that one, once its
+    trigger matches, replays the rest of the token that completed it into the grammar, and a rest the grammar
+    refuses (a "\\n\\n" token after "<tool_call>") throws a C++ exception through the C steps: the process aborts."""
+    sections = (calls.begin, calls.end, calls.lazy, calls.repeat)
+    return _checked(_grammar(json.dumps(calls.schema), sections), "tools")
+
+
+def _checked(result: tuple[str, str | None], param: str) -> str:
+    grammar, error = result
     if error is not None:
-        raise InvalidSchema(error, param="response_format")
+        raise InvalidSchema(error, param=param)
     return grammar
 
 
 @functools.lru_cache(maxsize=16)
-def _json_grammar(schema_json: str) -> tuple[str, str | None]:
+def _grammar(schema_json: str, sections: tuple[str, str, bool, bool] | None) -> tuple[str, str | None]:
     """The grammar, or why there is none. Cached, failures included: every choice of a request converts the
     schema, and clients repeat theirs."""
+    converter = _CompactConverter()
     try:
-        grammar = json_schema_to_gbnf(schema_json)
+        schema = converter.resolve_refs(json.loads(schema_json), "stdin")
+        value = converter.visit(schema, "" if sections is None else "call")
     except Exception as exc:  # its converter asserts, and raises KeyError or RecursionError on what it cannot read
         return "", f"llama.cpp cannot turn this JSON schema into a grammar: {type(exc).__name__}: {str(exc)[:200]}"
+    if sections is not None:
+        converter.add_sections(value, *sections)
+    grammar = converter.format_grammar()
     if len(grammar) > MAX_GRAMMAR_CHARS:
         return "", f"The JSON schema's grammar is longer than {MAX_GRAMMAR_CHARS} characters; make it smaller."
     if _deepest_group(grammar) > MAX_GRAMMAR_NESTING:
@@ -237,6 +262,97 @@ def _json_grammar(schema_json: str) -> tuple[str, str | None]:
             "load: lower its maxLength, maxItems or pattern repetition counts."
         )
     return grammar, _terminals_error(grammar)
+
+
+class _CompactConverter(SchemaConverter):
+    """llama-cpp-python's schema converter (the version pinned in pyproject.toml), writing compact JSON: no
+    whitespace between tokens (strings keep theirs), so a small model cannot loop on free whitespace; and free-form
+    values (`{"type": "object"}`, json_object) nest at most MAX_JSON_NESTING objects and arrays deep, so it cannot
+    open brackets until `max_tokens` either."""
+
+    def __init__(self):
+        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self._rules["space"] = '""'
+
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        kind = _FREE_FORM.get(id(rule))
+        if kind is None:
+            return super()._add_primitive(name, rule)
+        bounded = self._bounded_values()[kind]
+        return bounded if name == kind else self._add_rule(name, bounded)
+
+    def _bounded_values(self) -> dict[str, str]:
+        """Rules for free-form JSON, one set per level, the innermost first: "value" (and "object", "array") at the
+        outermost level, then "value-2" and so on; below the last level only scalars."""
+        base = super()._add_primitive
+        names = [base(kind, PRIMITIVE_RULES[kind]) for kind in ("string", "number", "boolean", "null")]
+        scalars = " | ".join(names)
+        inner = self._add_rule(f"value-{MAX_JSON_NESTING + 1}", scalars)
+        for level in range(MAX_JSON_NESTING, 0, -1):
+            suffix = "" if level == 1 else f"-{level}"
+            member = f'{names[0]} ":" {inner}'
+            rules = {
+                "object": self._add_rule("object" + suffix, f'"{{" ( {member} ( "," {member} )* )? "}}"'),
+                "array": self._add_rule("array" + suffix, f'"[" ( {inner} ( "," {inner} )* )? "]"'),
+            }
+            value = f"{rules['object']} | {rules['array']} | {scalars}"
+            inner = rules["value"] = self._add_rule("value" + suffix, value)
+        return rules
+
+    def add_sections(self, value: str, begin: str, end: str, lazy: bool, repeat: bool) -> None:
+        """The root: call sections (`begin`, the JSON `value`, `end`), after free text when `lazy`."""
+        section = self._add_rule("section", f"{_literal(begin)} {value} {_literal(end)}")
+        more = f' ( "\\n" {section} )*' if repeat else ""
+        if not lazy:
+            self._add_rule("root", section + more)
+            return
+        rest = self._add_rule("calls", f"{value} {_literal(end)}{more}")
+        self._add_rule("root", self._free_text(begin, rest))
+
+    def _free_text(self, begin: str, then: str) -> str:
+        """Rules for any text up to and including the first `begin`, after which `then` follows; the text may also
+        end before any `begin`. One rule per state of a matcher for `begin` (Knuth-Morris-Pratt): state i has seen
+        `begin`'s first i characters at the end of the text."""
+        prefix = self._fresh_prefix("text")
+        for state in range(len(begin)):
+            targets: dict[int, str] = {}  # the characters that move the matcher on, by the state they lead to
+            for char in sorted(set(begin)):
+                if target := _next_state(begin, state, char):
+                    targets[target] = targets.get(target, "") + _class_char(char)
+            alternatives = [f"[^{''.join(targets.values())}] {prefix}-0"]
+            for target, chars in sorted(targets.items()):
+                alternatives.append(f"[{chars}] {then if target == len(begin) else f'{prefix}-{target}'}")
+            self._rules[f"{prefix}-{state}"] = " | ".join([*alternatives, '""'])
+        return f"{prefix}-0"
+
+    def _fresh_prefix(self, base: str) -> str:
+        """A rule-name prefix no rule uses yet: schema-derived names are the client's choice ($defs keys)."""
+        index = 0
+        while any(name.startswith(f"{base}{index}-") for name in self._rules):
+            index += 1
+        return f"{base}{index}"
+
+
+_FREE_FORM = {id(PRIMITIVE_RULES[kind]): kind for kind in ("value", "object", "array")}
+# Characters written as themselves in a GBNF literal or class; every other is escaped.
+_PLAIN_GBNF = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 <>/_.,:;!?@#$%&'*+=|~{}()")
+
+
+def _next_state(pattern: str, state: int, char: str) -> int:
+    """How many of `pattern`'s first characters end `pattern[:state] + char`: the matcher's next state."""
+    seen = pattern[:state] + char
+    return next(n for n in range(len(seen), -1, -1) if seen.endswith(pattern[:n]))
+
+
+def _class_char(char: str) -> str:
+    if char in _PLAIN_GBNF:
+        return char
+    code = ord(char)
+    return f"\\x{code:02X}" if code < 0x100 else f"\\u{code:04X}" if code < 0x10000 else f"\\U{code:08X}"
+
+
+def _literal(text: str) -> str:
+    return f'"{"".join(_class_char(c) for c in text)}"'
 
 
 def _deepest_group(grammar: str) -> int:

@@ -66,6 +66,7 @@ class Sequence:
     grammar: str | None
     inbox: asyncio.Queue
     tag: int  # names its sampled tokens in the ring
+    shown: frozenset[int] = frozenset()  # control tokens its text shows (tool-call markers); others are hidden
     slot: int = -1
     n_cached: int = 0
     reused: int = 0  # prompt tokens whose KV cache was already in the slot
@@ -118,8 +119,10 @@ class Scheduler(WorkerThread):
 
     # ---- event-loop side -------------------------------------------------------------------
 
-    def submit(self, tokens: list[int], params: SamplingParams, grammar: str | None) -> Sequence:
-        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue(), next(self._tags))
+    def submit(
+        self, tokens: list[int], params: SamplingParams, grammar: str | None, shown: frozenset[int] = frozenset()
+    ) -> Sequence:
+        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue(), next(self._tags), shown=shown)
         sequence.stops = StopMatcher(params.stop)
         self._enqueue(sequence)
         self._streams[sequence.tag] = sequence
@@ -163,7 +166,7 @@ class Scheduler(WorkerThread):
         """A sampled token becomes the sequence's next delta: its text, held back while it may start a stop
         sequence, and the finish. Only sequences still in `_streams` get here: an ended one is forgotten."""
         end_of_text = finish_code == FINISHED_EOG
-        text = "" if end_of_text else sequence.decoder.decode(self._vocab.piece(token))
+        text = "" if end_of_text else sequence.decoder.decode(self._vocab.piece(token, special=token in sequence.shown))
         text, hit_stop = sequence.stops.feed(text)
         finish = None
         if end_of_text or hit_stop:

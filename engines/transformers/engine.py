@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import AsyncIterator
 
+import llguidance
 import llguidance.hf
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -18,7 +19,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAnd
 from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, UnsupportedFeature
 from engines.common import BaseEngine
 from engines.hf_prompts import HFPrompts, longest_piece
-from engines.transformers.sampling import TokenChooser, json_matcher
+from engines.llguidance_grammars import json_matcher, marker_pieces, special_tokens, tool_call_matcher
+from engines.transformers.sampling import TokenChooser
 from engines.transformers.worker import Worker, eos_ids
 from engines.worker_thread import deltas
 
@@ -65,6 +67,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         self._tokenizer = None
         self._longest_piece: int | None = None  # bytes one token covers at most, where known
         self._grammar_tokenizer = None
+        self._specials: dict[str, int] = {}  # the text of each special token → its id
         self._worker: Worker | None = None
 
     @property
@@ -88,6 +91,7 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         if not self._embeds_only:
             eos = eos_ids(model, self._tokenizer)
             self._grammar_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos)
+            self._specials = special_tokens(self._tokenizer)
 
     def _start(self) -> None:
         config = self.config
@@ -134,20 +138,34 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         worker = self._require_ready()
         chooser = await asyncio.to_thread(self._chooser, params)
-        sequence = worker.submit(prompt.token_ids, params, chooser)
+        sequence = worker.submit(prompt.token_ids, params, chooser, shown=self._shown_specials(params))
         async for delta in deltas(sequence, worker):
             yield delta
 
     def _chooser(self, params: SamplingParams) -> TokenChooser:
-        matcher = None
-        if params.json_schema is not None:
-            try:
-                matcher = json_matcher(self._grammar_tokenizer, params.json_schema)
-            except ValueError as exc:
-                raise UnsupportedFeature(str(exc), param="response_format") from None
         vocab = self._model.get_output_embeddings().weight.shape[0]
         eos = eos_ids(self._model, self._tokenizer)
-        return TokenChooser(params, vocab, eos, matcher, self._model.device)
+        return TokenChooser(params, vocab, eos, self._matcher(params), self._model.device)
+
+    def _matcher(self, params: SamplingParams) -> llguidance.LLMatcher | None:
+        """The grammar of the request's constraint (one at most), built here: it takes time that grows with it."""
+        try:
+            if params.json_schema is not None:
+                return json_matcher(self._grammar_tokenizer, params.json_schema)
+            if params.tool_calls is not None:
+                return tool_call_matcher(self._grammar_tokenizer, params.tool_calls, self._specials)
+        except ValueError as exc:
+            param = "response_format" if params.json_schema is not None else "tools"
+            raise UnsupportedFeature(str(exc), param=param) from None
+        return None
+
+    def _shown_specials(self, params: SamplingParams) -> frozenset[int]:
+        """Special tokens in the tool-call markers: the output keeps them, where the gateway's parser finds them."""
+        calls = params.tool_calls
+        if calls is None:
+            return frozenset()
+        pieces = marker_pieces(calls.begin, self._specials) + marker_pieces(calls.end, self._specials)
+        return frozenset(piece for piece in pieces if isinstance(piece, int))
 
     # ---- embeddings ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engines.base import Delta, SamplingParams, TokenLogprob
+from engines.llguidance_grammars import special_tokens
 from engines.text import StopMatcher
 from engines.transformers.sampling import TokenChooser
 from engines.worker_thread import WorkerThread
@@ -24,10 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class IncrementalText:
-    """Turns a growing list of token ids into new text, holding back bytes of an unfinished character."""
+    """Turns a growing list of token ids into new text, holding back bytes of an unfinished character.
 
-    def __init__(self, tokenizer):
+    Special tokens are left out: those in `hidden`, or all where it is None."""
+
+    def __init__(self, tokenizer, hidden: frozenset[int] | None = None):
         self._tokenizer = tokenizer
+        self._hidden = hidden
         self._ids: list[int] = []
         self._start = 0  # window start: decoding from here keeps the tokenizer's spacing right
         self._emitted = 0  # tokens whose text has been sent
@@ -42,7 +46,9 @@ class IncrementalText:
         return after[len(before) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        if self._hidden is None:
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode([i for i in ids if i not in self._hidden], skip_special_tokens=False)
 
 
 @dataclass(eq=False)
@@ -68,13 +74,17 @@ class Worker(WorkerThread):
         self._model = model
         self._tokenizer = tokenizer
         self._eos = set(eos_ids(model, tokenizer))
+        self._specials = frozenset(special_tokens(tokenizer).values())
         self._slots = slots
         self._context_length = context_length
         self._thread.start()
 
-    def submit(self, prompt: list[int], params: SamplingParams, chooser: TokenChooser) -> Sequence:
-        sequence = Sequence(list(prompt), params, chooser, asyncio.Queue(), IncrementalText(self._tokenizer),
-                            StopMatcher(params.stop), pending=list(prompt))  # fmt: skip
+    def submit(self, prompt: list[int], params: SamplingParams, chooser: TokenChooser,
+               shown: frozenset[int] = frozenset()) -> Sequence:  # fmt: skip
+        """`shown`: special tokens the text keeps (it leaves out all others)."""
+        text = IncrementalText(self._tokenizer, self._specials - shown if shown else None)
+        sequence = Sequence(list(prompt), params, chooser, asyncio.Queue(), text, StopMatcher(params.stop),
+                            pending=list(prompt))  # fmt: skip
         self._enqueue(sequence)
         return sequence
 

