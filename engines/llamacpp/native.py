@@ -11,12 +11,13 @@ import ctypes
 import functools
 import json
 import logging
+import math
 import re
 from typing import Iterator
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter
 
 from engines.base import END_OFF, SamplingParams, ToolCallConstraint
 from engines.json_schema import InvalidSchema
@@ -264,6 +265,69 @@ def _grammar(schema_json: str, sections: tuple[str, str, bool, bool] | None) -> 
     return grammar, _terminals_error(grammar)
 
 
+INTEGER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+MOST_INTEGER = 10**16 - 1  # the library's integers have at most 16 digits
+
+
+def _integer_bounds(schema: dict) -> tuple[int, int]:
+    """The smallest and largest integer a schema allows, within MOST_INTEGER (ValueError, a 400, if none)."""
+    low, high = -MOST_INTEGER, MOST_INTEGER
+    if any(isinstance(schema.get(k, 0), bool) or not isinstance(schema.get(k, 0), int | float) for k in INTEGER_BOUNDS):
+        raise ValueError(f"integer bounds must be numbers: {schema}")
+    if "minimum" in schema:
+        low = max(low, math.ceil(schema["minimum"]))
+    if "exclusiveMinimum" in schema:
+        low = max(low, math.floor(schema["exclusiveMinimum"]) + 1)
+    if "maximum" in schema:
+        high = min(high, math.floor(schema["maximum"]))
+    if "exclusiveMaximum" in schema:
+        high = min(high, math.ceil(schema["exclusiveMaximum"]) - 1)
+    if low > high:
+        raise ValueError(f"no integer lies within the bounds {low}..{high}")
+    return low, high
+
+
+def _integer_range(low: int, high: int) -> str:
+    """A grammar expression for the integers from `low` to `high`, exactly (no leading zeros)."""
+    alternatives = []
+    if low < 0:
+        negative = _natural_range(max(1, -high), -low)
+        alternatives.append(f'"-" ( {" | ".join(negative)} )')
+    if high >= 0:
+        alternatives += _natural_range(max(0, low), high)
+    return "( " + " | ".join(alternatives) + " )"
+
+
+def _natural_range(low: int, high: int) -> list[str]:
+    """Sequences matching the naturals from `low` to `high`: one range of equal length each, split digit by digit."""
+    parts = []
+    for digits in range(len(str(low)), len(str(high)) + 1):
+        first = max(low, 10 ** (digits - 1) if digits > 1 else 0)
+        last = min(high, 10**digits - 1)
+        parts += _same_length(str(first), str(last))
+    return parts
+
+
+def _same_length(low: str, high: str) -> list[str]:
+    """Sequences matching the numbers from `low` to `high`, both written with the same number of digits."""
+    if len(low) == 1:
+        return [f"[{low}-{high}]"]
+    if low[0] == high[0]:
+        return [f'"{low[0]}" {rest}' for rest in _same_length(low[1:], high[1:])]
+    width = len(low) - 1
+    parts, start, end = [], int(low[0]), int(high[0])
+    if low[1:] != "0" * width:  # the first digit's numbers from `low` up, then whole decades
+        parts += [f'"{low[0]}" {rest}' for rest in _same_length(low[1:], "9" * width)]
+        start += 1
+    tail = []
+    if high[1:] != "9" * width:
+        tail = [f'"{high[0]}" {rest}' for rest in _same_length("0" * width, high[1:])]
+        end -= 1
+    if start <= end:
+        parts.append(f"[{start}-{end}]" + " [0-9]" * width)
+    return parts + tail
+
+
 class _CompactConverter(SchemaConverter):
     """llama-cpp-python's schema converter (the version pinned in pyproject.toml), writing compact JSON: no
     whitespace between tokens (strings keep theirs), so a small model cannot loop on free whitespace; and free-form
@@ -273,6 +337,14 @@ class _CompactConverter(SchemaConverter):
     def __init__(self):
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self._rules["space"] = '""'
+
+    def visit(self, schema, name):
+        """The library's converter, plus integer bounds, which it leaves out (a small model then writes a number
+        past them, and the call fails validation)."""
+        if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in INTEGER_BOUNDS):
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            return self._add_rule(rule_name, _integer_range(*_integer_bounds(schema)) + " space")
+        return super().visit(schema, name)
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
         kind = _FREE_FORM.get(id(rule))
