@@ -160,6 +160,7 @@ def managed_model(settings: Settings, registry: ModelRegistry, manager: ModelMan
         resolved.served_name, lambda: create_engine(engine_name, config),
         estimate_bytes(resolved.entry, resolved.path), manager,
         suggest=lambda free: what_would_fit(registry, resolved.entry, free), prepare=prepare,
+        tool_format=target.options.get("tool_parser"),
     )  # fmt: skip
 
 

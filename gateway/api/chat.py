@@ -9,8 +9,10 @@ from fastapi import APIRouter, Request
 
 from engines.base import Delta, Engine, TokenLogprob
 from engines.json_schema import check_schema
+from gateway.api.chat_output import ChatOutput
 from gateway.api.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
 from gateway.api.protocol import (
+    THINKING,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -25,6 +27,7 @@ from gateway.api.protocol import (
     new_id,
     now,
 )
+from gateway.core.tool_calls import ToolSpec, check_parameters
 from gateway.front.body import OwnBodyRoute, json_body
 from gateway.routing.chain import dispatch
 
@@ -40,41 +43,62 @@ async def create_chat_completion(request: Request):
 
 async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     schema = body.response_format.schema_for_engine() if body.response_format else None
-    if schema is not None:  # checked before any engine converts it; remote providers get it unchanged
-        await asyncio.to_thread(check_schema, schema, "response_format.json_schema.schema")
-    messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
-    prompt = await engine.render_chat(messages)
+    output = ChatOutput.of(body, await engine.chat_template(), engine.tool_format)
+    await asyncio.to_thread(_check_schemas, schema, output.tools)
+    messages, tools = output.prompt_messages(body)
+    thinking = {"enable_thinking": THINKING[body.reasoning_effort]} if body.reasoning_effort else None
+    prompt = await engine.render_chat(messages, tools, thinking)
+    output = output.after_prompt(prompt.text)
     max_tokens = fit_max_tokens(engine, len(prompt.token_ids), body.requested_max_tokens())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = body.sampling_params(max_tokens, logprobs, schema)
+    params.tool_calls = output.constraint(body)
     merged = merge(start_generations(engine, prompt, params, body.n))
     reply = _ChatReply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids), body.n)
+    reply.output = output if output.parses() else None
     return await produce(reply, merged, body.stream, body.wants_usage())
 
 
-def _template_role(role: str) -> str:
-    return "system" if role == "developer" else role  # chat templates predate the developer role
+def _check_schemas(response_schema: dict | None, tools: list[ToolSpec]) -> None:
+    """Every schema a local engine will turn into a constraint, checked first; remote providers get them unchanged."""
+    if response_schema is not None:
+        check_schema(response_schema, "response_format.json_schema.schema")
+    for index, tool in enumerate(tools):
+        check_schema(tool.parameters, f"tools[{index}].function.parameters")  # limits, as for response formats
+        check_parameters(tool.parameters, f"tools[{index}].function.parameters")  # and valid for the validator
 
 
 class _ChatReply(Reply):
+    output: ChatOutput | None = None  # set where the output holds tool calls or reasoning to parse
+
     def response(self, results: list[ChoiceResult]) -> ChatCompletionResponse:
         choices = [
             ChatChoice(
                 index=i,
-                message=ChatMessageOut(content=r.text),
+                message=message,
                 logprobs=_logprobs(r.logprobs) if r.logprobs else None,
-                finish_reason=r.finish_reason,
+                finish_reason=finish_reason,
             )
             for i, r in enumerate(results)
+            for message, finish_reason in [self._message(r)]
         ]
         completion = sum(r.tokens for r in results)
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(completion)
         )
 
+    def _message(self, result: ChoiceResult) -> tuple[ChatMessageOut, str | None]:
+        if self.output is None:
+            return ChatMessageOut(content=result.text), result.finish_reason
+        return self.output.message(result.text, result.finish_reason)
+
     async def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
         for index in range(self.choices):
             yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        if self.output is not None:
+            async for chunk in self._parsed_chunks(stream, include_usage):
+                yield chunk
+            return
         completion = 0
         async for index, delta in stream:
             completion += delta.tokens
@@ -87,6 +111,28 @@ class _ChatReply(Reply):
                 )
             if delta.finish_reason:
                 yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=delta.finish_reason)])
+        if include_usage:
+            yield self._chunk([], usage=self.usage(completion))
+
+    async def _parsed_chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
+        """Chunks of an output with tool calls or reasoning: each choice's text through its own parser."""
+        parsers = [self.output.parser() for _ in range(self.choices)]
+        completion = 0
+        async for index, delta in stream:
+            completion += delta.tokens
+            events = parsers[index].feed(delta.text)
+            finish_reason = delta.finish_reason
+            if finish_reason:
+                held, finish_reason = self.output.finish(parsers[index], finish_reason)
+                events += held
+            logprobs = _logprobs(delta.logprobs) if delta.logprobs else None
+            for chat_delta in self.output.deltas(events):
+                yield self._chunk([ChatChunkChoice(index=index, delta=chat_delta, logprobs=logprobs)])
+                logprobs = None  # a delta's logprobs go out once, with its first chunk
+            if logprobs is not None:
+                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=logprobs)])
+            if finish_reason:
+                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason)])
         if include_usage:
             yield self._chunk([], usage=self.usage(completion))
 

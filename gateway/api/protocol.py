@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.base import SamplingParams
 from gateway.core.request import LIMITS, Capped, ModelRequest, Request, at_most, check_chars, check_size, set_limits
+from gateway.core.tool_calls import ToolChoice, ToolSpec
 from gateway.errors import invalid_param
 from gateway.settings import Settings
 
@@ -128,17 +129,18 @@ class SamplingFields(ModelRequest):
 
 # ---- chat completions ---------------------------------------------------------------------------
 
-# What local engines read of a chat request: messages of these roles made of text, and the sampling
-# fields. The rest of OpenAI's chat format below is for remote targets (`unsupported_locally`).
-LOCAL_ROLES = ("system", "developer", "user", "assistant")
+# What local engines read of a chat request: messages made of text (with function tool calls and their results),
+# function tools, and the sampling fields. The rest of OpenAI's chat format below is for remote targets
+# (`unsupported_locally`).
 LOCAL_CONTENT_PARTS = ("text",)
 MAX_TOOLS = 128  # OpenAI's limit on tools (and functions) in a request
 MAX_METADATA = 16  # OpenAI's limit on metadata pairs
-REMOTE_ONLY_MESSAGE_FIELDS = ("tool_calls", "function_call", "refusal", "audio")
-REMOTE_ONLY_CHAT_FIELDS = (
-    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "modalities",
-    "prediction", "reasoning_effort", "verbosity", "web_search_options",
-)  # fmt: skip
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}  # a function that takes no parameters
+REMOTE_ONLY_MESSAGE_FIELDS = ("refusal", "audio")
+REMOTE_ONLY_CHAT_FIELDS = ("audio", "modalities", "prediction", "verbosity", "web_search_options")
+# reasoning_effort → the chat template's thinking switch (templates that think read `enable_thinking`).
+THINKING = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
 
 
 class Tagged(Request):
@@ -217,9 +219,8 @@ class ChatMessage(Request):
 
     def unsupported_locally(self) -> str | None:
         """The first part of this message that a local engine cannot read, as a path inside it."""
-        if self.role not in LOCAL_ROLES:
-            return "role"
         unsupported = [name for name in REMOTE_ONLY_MESSAGE_FIELDS if getattr(self, name) is not None]
+        unsupported += [f"tool_calls[{i}]" for i, call in enumerate(self.tool_calls or ()) if call.type != "function"]
         if isinstance(self.content, list):
             parts = enumerate(self.content)
             unsupported += [f"content[{i}]" for i, part in parts if part.type not in LOCAL_CONTENT_PARTS]
@@ -230,9 +231,30 @@ class ChatMessage(Request):
             return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: OpenAI's shape, text content, legacy function calls as tool calls."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        calls = [call.function for call in self.tool_calls or () if call.function is not None]
+        ids = [call.id for call in self.tool_calls or ()]
+        if self.function_call is not None:
+            calls, ids = [self.function_call], [LEGACY_CALL_ID]
+        if calls:
+            message["tool_calls"] = [
+                {"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for id, call in zip(ids, calls)
+            ]
+        if self.role in ("tool", "function"):
+            message.update(role="tool", tool_call_id=self.tool_call_id or LEGACY_CALL_ID)
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+LEGACY_CALL_ID = "call_function"  # the one call of a legacy `function_call`, which has no id of its own
+
 
 class FunctionDefinition(Request):
-    name: str
+    name: str = Field(..., pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema
     strict: bool | None = None
@@ -314,16 +336,16 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    # For remote targets only (REMOTE_ONLY_CHAT_FIELDS).
     tools: Annotated[list[Tool], at_most(MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: Annotated[list[FunctionDefinition], at_most(MAX_TOOLS)] | None = None  # deprecated for tools
     function_call: Literal["none", "auto"] | ToolName | None = None  # deprecated for tool_choice
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # For remote targets only (REMOTE_ONLY_CHAT_FIELDS).
     audio: AudioOutput | None = None
     modalities: Annotated[list[Literal["text", "audio"]], at_most(2)] | None = None
     prediction: Prediction | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     web_search_options: WebSearchOptions | None = None
     # Accepted and ignored locally, as they only matter to a provider's own storage, caching and billing.
@@ -340,13 +362,66 @@ class ChatCompletionRequest(SamplingFields):
             raise invalid_param("top_logprobs", "top_logprobs requires logprobs to be true.")
         return self
 
+    @model_validator(mode="after")
+    def _check_tools(self):
+        """What OpenAI refuses too: a choice of a tool that is not offered, parameters that are not an object
+        schema, a tool result that answers no earlier call."""
+        for index, tool in enumerate(self.tools or ()):
+            schema = tool.function.parameters if tool.function else None
+            if schema is not None and schema.get("type", "object") != "object":
+                raise invalid_param(f"tools[{index}].function.parameters", "A function's parameters must be a JSON "
+                                    "schema of type 'object'.")  # fmt: skip
+        for param, chosen, offered in (
+            ("tool_choice", self._named_choice(), [t.function.name for t in self.tools or () if t.function]),
+            ("function_call", getattr(self.function_call, "name", None), [f.name for f in self.functions or ()]),
+        ):
+            if chosen is not None and chosen not in offered:
+                raise invalid_param(param, f"The function '{chosen}' is not among the tools of this request.")
+        if self.tool_choice in ("auto", "required") and not self.tools:
+            raise invalid_param("tool_choice", "tool_choice is only allowed when tools are specified.")
+        calls = {LEGACY_CALL_ID}
+        for index, message in enumerate(self.messages):
+            calls.update(call.id for call in message.tool_calls or ())
+            if message.role == "tool" and message.tool_call_id not in calls:
+                raise invalid_param(f"messages[{index}].tool_call_id", "A 'tool' message must answer a tool "
+                                    f"call of an earlier assistant message, and '{message.tool_call_id}' is "
+                                    "not one.")  # fmt: skip
+        return self
+
+    def _named_choice(self) -> str | None:
+        choice = self.tool_choice
+        return choice.function.name if isinstance(choice, NamedToolChoice) and choice.function else None
+
     def check_size(self) -> None:
         check_chars(sum(len(message.text()) for message in self.messages), "messages")
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """The function tools offered (legacy `functions` too), in the core's terms."""
+        functions = [tool.function for tool in self.tools or () if tool.function] or self.functions or []
+        return [ToolSpec(f.name, f.description, f.parameters or EMPTY_PARAMETERS, bool(f.strict)) for f in functions]
+
+    def tool_mode(self) -> ToolChoice:
+        """OpenAI's defaults: "auto" when tools are offered, else "none"; a named choice forces that function."""
+        choice = self.tool_choice if self.tools else self.function_call
+        if isinstance(choice, (NamedToolChoice, ToolName)):
+            return ToolChoice("required", self._named_choice() or choice.name)
+        if choice is None:
+            return ToolChoice("auto" if self.tools or self.functions else "none")
+        return ToolChoice(choice)
+
+    def legacy_functions(self) -> bool:
+        """Whether the client speaks the deprecated `functions` dialect (answered with `function_call`)."""
+        return bool(self.functions) and not self.tools
 
     def unsupported_locally(self) -> str | None:
         for name in REMOTE_ONLY_CHAT_FIELDS:
             if getattr(self, name) is not None:
                 return name
+        for index, tool in enumerate(self.tools or ()):
+            if tool.type != "function":
+                return f"tools[{index}]"
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.type != "function":
+            return "tool_choice"
         for index, message in enumerate(self.messages):
             if (part := message.unsupported_locally()) is not None:
                 return f"messages[{index}].{part}"
@@ -359,10 +434,29 @@ class ChatCompletionRequest(SamplingFields):
         return (self.requested_max_tokens() or default_completion) * self.n
 
 
+def _absent_if_none(default: Any = None) -> Any:
+    """A reply field left out of the JSON while None: OpenAI's replies omit tool calls and reasoning they lack."""
+    return Field(default, exclude_if=lambda value: value is None)
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    reasoning_content: str | None = _absent_if_none()  # the thinking of a reasoning model (vLLM's field)
+    tool_calls: list[ToolCallOut] | None = _absent_if_none()
+    function_call: FunctionCallOut | None = _absent_if_none()  # the legacy `functions` dialect
 
 
 class TopLogprob(BaseModel):
@@ -384,7 +478,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -397,16 +491,33 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = _absent_if_none()
+    arguments: str | None = _absent_if_none()
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed call: id, type and name in its first chunk, then fragments of the arguments."""
+
+    index: int
+    id: str | None = _absent_if_none()
+    type: Literal["function"] | None = _absent_if_none()
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = _absent_if_none()
+    tool_calls: list[ToolCallDelta] | None = _absent_if_none()
+    function_call: FunctionDelta | None = _absent_if_none()
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -263,6 +263,7 @@ def constraint(tools: list[ToolSpec], choice: ToolChoice, fmt: ToolFormat, paral
         tools = [tool for tool in tools if tool.name == choice.name]
         if not tools:
             raise ValueError(f"tool_choice names '{choice.name}', which is not one of the tools.")
+        parallel = False  # a named function is called once: a small model would repeat the call until max_tokens
     schema = call_schema(tools, fmt)
     if fmt.array and not parallel:
         schema = {**schema, "maxItems": 1}

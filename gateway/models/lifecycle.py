@@ -15,11 +15,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from engines.base import Delta, Embeddings, Engine, EngineInfo, EngineNotReady, Prompt, SamplingParams
-from gateway.telemetry import metrics
 from gateway.models.governor import InsufficientMemory, MemoryGovernor
+from gateway.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,10 @@ class ManagedModel:
     """One local model: unloaded → loading → ready → (unloading →) unloaded, or failed."""
 
     def __init__(self, served_name: str, factory: Callable[[], Engine], estimate: int, manager: "ModelManager",
-                 suggest: Callable[[int], str], prepare: Callable[[], Awaitable[object]] | None = None):  # fmt: skip
+                 suggest: Callable[[int], str], prepare: Callable[[], Awaitable[object]] | None = None,
+                 tool_format: str | None = None):  # fmt: skip
         self.served_name = served_name
+        self.tool_format = tool_format  # the target's `tool_parser` option: a tool-call format by name
         self.suggest = suggest  # what would fit in so many bytes, for a 507
         self._factory = factory
         self._engine = factory()
@@ -155,9 +157,16 @@ class ManagedModel:
     def context_length(self) -> int:
         return self._engine.context_length()
 
-    async def render_chat(self, messages: list[dict[str, str]]) -> Prompt:
+    async def chat_template(self) -> str | None:
         await self.ensure_loaded()
-        return await self._engine.render_chat(messages)
+        return await self._engine.chat_template()
+
+    async def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+        template_args: dict[str, Any] | None = None,
+    ) -> Prompt:  # fmt: skip
+        await self.ensure_loaded()
+        return await self._engine.render_chat(messages, tools, template_args)
 
     async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
         await self.ensure_loaded()

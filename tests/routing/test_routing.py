@@ -453,7 +453,7 @@ def assert_forwarded_unchanged(received: dict, stream: bool) -> None:
 
 def test_tools_reach_a_remote_target_unchanged_and_its_tool_calls_come_back(client, routed):
     raw = client.chat.completions.with_raw_response.create(model="tools-anywhere", max_tokens=3, **TOOL_REQUEST)
-    assert raw.headers["x-llm-target"] == "echo-tools"  # the local model cannot use tools: the chain moved on
+    assert raw.headers["x-llm-target"] == "echo-tools"  # the local model cannot read the image: the chain moved on
     choice = raw.parse().choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
@@ -466,7 +466,7 @@ def test_tools_reach_a_remote_target_unchanged_and_its_tool_calls_come_back(clie
     assert (calls[0].id, calls[0].function.name) == ("call_echo", "get_weather")
     assert_forwarded_unchanged(json.loads("".join(c.function.arguments for c in calls)), stream=True)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    # Not doing tools is no failure of the local model: nothing counts towards its cooldown.
+    # Not reading images is no failure of the local model: nothing counts towards its cooldown.
     assert routed.health()["targets"]["local"]["consecutive_failures"] == 0
 
 
@@ -476,11 +476,13 @@ HI = {"role": "user", "content": "hi"}
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"tools": TOOLS}, "tools"),
-        ({"tool_choice": "none"}, "tool_choice"),
+        ({"tools": [{"type": "custom", "custom": {"name": "sql"}}]}, "tools[0]"),
+        ({"modalities": ["text"]}, "modalities"),
         ({"messages": CONVERSATION}, "messages[0].content[1]"),
-        ({"messages": [HI, *CONVERSATION[1:]]}, "messages[1].tool_calls"),
-        ({"messages": [HI, CONVERSATION[2]]}, "messages[1].role"),
+        ({"messages": [HI, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "custom", "custom": {"name": "sql", "input": "select 1"}}]}]},
+         "messages[1].tool_calls[0]"),
+        ({"messages": [HI, {"role": "assistant", "content": "no", "refusal": "no"}]}, "messages[1].refusal"),
     ],
 )
 def test_a_local_only_model_answers_400_naming_what_it_cannot_do(client, change, param):

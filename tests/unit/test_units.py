@@ -101,9 +101,9 @@ def test_unknown_fields_name_their_param_and_remote_only_ones_parse():
     assert CompletionRequest(model="m", prompt="x", suffix="y").unsupported_locally() == "suffix"
     assert CompletionRequest(model="m", prompt="x", best_of=2, n=2).unsupported_locally() is None
     parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
-    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}], reasoning_effort="low")
-    assert chat.unsupported_locally() == "reasoning_effort"
-    chat.reasoning_effort = None
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}], verbosity="low")
+    assert chat.unsupported_locally() == "verbosity"
+    chat.verbosity = None
     assert chat.unsupported_locally() == "messages[0].content[1]"
 
 
