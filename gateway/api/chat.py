@@ -44,7 +44,8 @@ async def create_chat_completion(request: Request):
 async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     schema = body.response_format.schema_for_engine() if body.response_format else None
     output = ChatOutput.of(body, await engine.chat_template(), engine.tool_format)
-    await asyncio.to_thread(_check_schemas, schema, output.tools)
+    if schema is not None or output.tools:  # most requests have neither: no thread hop for them
+        await asyncio.to_thread(_check_schemas, schema, output.tools)
     messages, tools = output.prompt_messages(body)
     thinking = {"enable_thinking": THINKING[body.reasoning_effort]} if body.reasoning_effort else None
     prompt = await engine.render_chat(messages, tools, thinking)

@@ -20,6 +20,7 @@ are parsed by `json` and checked by `jsonschema`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ REASONING_FORMATS = (
 )
 
 
+@functools.lru_cache(maxsize=64)  # read on every chat request, from a template that stays the same
 def reasoning_format(template: str | None) -> ReasoningFormat | None:
     """The think markers of a template that writes or strips think blocks (its end marker appears), or None."""
     return next((fmt for fmt in REASONING_FORMATS if template and fmt.end in template), None)

@@ -10,6 +10,7 @@ the same format, so the model sees what it is asked to write.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -82,6 +83,7 @@ def check_parameters(schema: dict[str, Any], param: str) -> None:
         raise invalid_param(where, f"Invalid value for '{where}': {error.message}") from None
 
 
+@functools.lru_cache(maxsize=64)  # read on every chat request, from a template that stays the same
 def format_for(template: str | None, override: str | None = None) -> ToolFormat:
     """The format named by `override`, else the one the template's markers show, else the generic one."""
     if override is not None and override not in FORMATS:
