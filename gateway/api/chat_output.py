@@ -3,6 +3,7 @@ core's `OutputParser`) into OpenAI's message and delta fields."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -67,7 +68,7 @@ class ChatOutput:
 
     def after_prompt(self, prompt_text: str) -> ChatOutput:
         inside = self.reasoning is not None and starts_inside(prompt_text, self.reasoning)
-        return ChatOutput(self.tools, self.format, self.reasoning, self.legacy, inside)
+        return dataclasses.replace(self, inside_reasoning=inside)
 
     def parses(self) -> bool:
         """Whether the output needs parsing at all (most requests: no tools, a model that does not think)."""
@@ -79,12 +80,13 @@ class ChatOutput:
     def message(self, text: str, finish_reason: str | None) -> tuple[ChatMessageOut, str | None]:
         """The whole answer of one choice, and its finish reason ("tool_calls" when it called)."""
         parser = self.parser()
-        events: list[Event] = []
         try:
-            events += parser.feed(text)
-            events += parser.finish()
+            events = parser.feed(text)
         except InvalidToolCall as error:
-            finish_reason = self._unfinished(error, finish_reason)
+            events, finish_reason = [], self._unfinished(error, finish_reason)
+        else:
+            held, finish_reason = self.finish(parser, finish_reason)
+            events += held
         content = "".join(e.text for e in events if isinstance(e, Text))
         reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
         calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
@@ -94,20 +96,20 @@ class ChatOutput:
             message.function_call = calls[0].function
         elif calls:
             message.tool_calls = calls
-        return message, self.finish_reason(bool(calls), finish_reason)
+        return message, finish_reason
 
-    def finish_reason(self, called: bool, finish_reason: str | None) -> str | None:
+    def _finish_reason(self, called: bool, finish_reason: str | None) -> str | None:
         if called and finish_reason == "stop":
             return "function_call" if self.legacy else "tool_calls"
         return finish_reason
 
-    def finish(self, parser: OutputParser, finish_reason: str) -> tuple[list[Event], str]:
-        """The events still held at the end of a streamed choice, and its finish reason."""
+    def finish(self, parser: OutputParser, finish_reason: str | None) -> tuple[list[Event], str | None]:
+        """The events still held at the end of a choice, and its finish reason ("tool_calls" when it called)."""
         try:
             events = parser.finish()
         except InvalidToolCall as error:
             return [], self._unfinished(error, finish_reason)
-        return events, self.finish_reason(bool(parser.calls), finish_reason)
+        return events, self._finish_reason(bool(parser.calls), finish_reason)
 
     def deltas(self, events: Iterable[Event]) -> Iterable[ChatDelta]:
         """Stream deltas for parsed events (text goes out as content)."""
