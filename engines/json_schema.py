@@ -29,6 +29,10 @@ MAX_PATTERNS_LENGTH = 20_000  # all patterns together
 MAX_OPTIONAL_PROPERTIES = 500  # in one object; the sum of their squares over all objects stays under its square
 
 BOUND_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+# Every engine's grammar gives an integer at most 16 digits (llama.cpp's own JSON grammars do): under compact JSON a
+# small model has no whitespace to stop on and can write digits until max_tokens.
+MOST_INTEGER = 10**16 - 1
+INTEGER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems", "unevaluatedItems", "unevaluatedProperties",

@@ -16,16 +16,13 @@ import re
 import llguidance
 
 from engines.base import ToolCallConstraint
+from engines.json_schema import INTEGER_BOUNDS, MOST_INTEGER
 
 # llguidance's JSON options: no whitespace anywhere; a client's own `x-guidance` options give way to these.
 COMPACT = {"whitespace_flexible": False}
 # json_object mode (schema {"type": "object"}): values nest this many levels at most, the outer object included.
 JSON_OBJECT_DEPTH = 8
 JSON_OBJECT = {"type": "object"}
-# An integer with no bounds has at most this many digits (as llama.cpp's JSON grammars): compact JSON leaves a small
-# model no whitespace to stop on, and it can write digits until max_tokens.
-MOST_INTEGER = 10**16 - 1
-BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 # Free text: anything, across lines (special tokens are not text: llguidance's regexes never match them).
 FREE_TEXT = r"TEXT: /(.|\n)*/"
 
@@ -49,7 +46,7 @@ def _bounded_integers(node):
     copy = {key: _bounded_integers(value) for key, value in node.items()}
     types = node.get("type")
     if (types == "integer" or isinstance(types, list) and "integer" in types) and not any(
-        key in node for key in BOUND_KEYWORDS
+        key in node for key in INTEGER_BOUNDS
     ):
         copy.update(minimum=-MOST_INTEGER, maximum=MOST_INTEGER)
     return copy

@@ -20,7 +20,7 @@ import numpy as np
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter
 
 from engines.base import END_OFF, SamplingParams, ToolCallConstraint
-from engines.json_schema import InvalidSchema
+from engines.json_schema import INTEGER_BOUNDS, MOST_INTEGER, InvalidSchema
 from engines.llamacpp.steps import SlotSampling
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
@@ -265,8 +265,6 @@ def _grammar(schema_json: str, sections: tuple[str, str, bool, bool] | None) -> 
     return grammar, _terminals_error(grammar)
 
 
-INTEGER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-MOST_INTEGER = 10**16 - 1  # the library's integers have at most 16 digits
 
 
 def _integer_bounds(schema: dict) -> tuple[int, int]:
