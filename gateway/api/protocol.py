@@ -573,12 +573,7 @@ class CompletionRequest(SamplingFields):
         return "best_of" if self.best_of not in (None, self.n) else None
 
     def prompts(self) -> list[str | list[int]]:
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]
-        return list(prompt)
+        return _items(self.prompt)
 
 
 class CompletionLogprobs(BaseModel):
@@ -630,12 +625,7 @@ class EmbeddingRequest(ModelRequest):
         check_size(self.inputs(), "input")
 
     def inputs(self) -> list[str] | list[list[int]]:
-        data = self.input
-        if isinstance(data, str):
-            return [data]
-        if all(isinstance(item, int) for item in data):
-            return [list(data)]
-        return list(data)
+        return _items(self.input)
 
 
 class EmbeddingData(BaseModel):
@@ -681,6 +671,15 @@ class ModelList(BaseModel):
 
 
 _LIMITED_MODELS = (ChatMessage, Prediction, SamplingFields, ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+
+
+def _items(value: str | list) -> list:
+    """A prompt or input field as a list of items: a text or one list of token ids is one item."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(item, int) for item in value):
+        return [list(value)]
+    return list(value)
 
 
 def _reject_extra_fields(request: BaseModel) -> None:

@@ -82,7 +82,7 @@ def test_no_private_names_across_packages():
 
 
 def test_no_import_cycles():
-    graph = {module: {imported for imported, _ in _imports(path) if imported in MODULES} for module, path in MODULES.items()}
+    graph = {module: {name for name, _ in _imports(path) if name in MODULES} for module, path in MODULES.items()}
     done: set[str] = set()
 
     def visit(module: str, path: list[str]) -> None:
