@@ -38,7 +38,7 @@ router = APIRouter(route_class=OwnBodyRoute)
     "/v1/chat/completions", response_model=ChatCompletionResponse, openapi_extra=json_body(ChatCompletionRequest)
 )
 async def create_chat_completion(request: Request):
-    return await dispatch(request, "chat/completions", ChatCompletionRequest)
+    return await dispatch(request, ChatCompletionRequest)
 
 
 async def serve_locally(engine: Engine, body: ChatCompletionRequest):

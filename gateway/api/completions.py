@@ -26,7 +26,7 @@ router = APIRouter(route_class=OwnBodyRoute)
 
 @router.post("/v1/completions", response_model=CompletionResponse, openapi_extra=json_body(CompletionRequest))
 async def create_completion(request: Request):
-    return await dispatch(request, "completions", CompletionRequest)
+    return await dispatch(request, CompletionRequest)
 
 
 async def serve_locally(engine: Engine, body: CompletionRequest):

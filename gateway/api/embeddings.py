@@ -19,7 +19,7 @@ router = APIRouter(route_class=OwnBodyRoute)
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, openapi_extra=json_body(EmbeddingRequest))
 async def create_embeddings(request: Request):
-    return await dispatch(request, "embeddings", EmbeddingRequest)
+    return await dispatch(request, EmbeddingRequest)
 
 
 async def serve_locally(engine: Engine, body: EmbeddingRequest) -> EmbeddingResponse:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -329,7 +329,10 @@ class ResponseFormat(Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    """Also the gateway's internal request: the Responses and Messages front ends translate theirs to it."""
+
     model_config = ConfigDict(extra="allow")  # unknown fields are checked in _reject_unknown
+    endpoint: ClassVar[str] = "chat/completions"
 
     messages: Annotated[list[ChatMessage], Field(min_length=1), Capped("messages")]
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -539,6 +542,7 @@ PromptInput = str | Annotated[list[str], Capped("choices")] | TokenIds | Annotat
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")
+    endpoint: ClassVar[str] = "completions"
 
     prompt: PromptInput
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -604,6 +608,7 @@ class CompletionResponse(BaseModel):
 
 
 class EmbeddingRequest(ModelRequest):
+    endpoint: ClassVar[str] = "embeddings"
     input: (
         str
         | Annotated[list[str], Capped("embedding_inputs")]

@@ -8,10 +8,10 @@ and forwards `as_sent()` to remote targets. The limits (LLM_MAX_*) are compiled 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, ValidationError
-from pydantic_core import CoreSchema, from_json
+from pydantic_core import CoreSchema, from_json, to_json
 
 from gateway.errors import invalid_param, invalid_request, request_too_large
 from gateway.settings import Settings
@@ -97,9 +97,11 @@ class Request(BaseModel):
 class ModelRequest(Request):
     """A request the gateway routes by its `model` to a chain of targets."""
 
-    # The JSON body as the client sent it, set by `parse`: a slot, as a pydantic private attribute costs a
-    # set-up per request.
-    __slots__ = ("_sent",)
+    # The JSON body as the client sent it, set by `parse`; and for a request translated from another protocol's,
+    # that request (`origin`). Slots: a pydantic private attribute costs a set-up per request.
+    __slots__ = ("_sent", "_origin")
+    # The endpoint this wire model is sent to (under /v1/): a provider that speaks it gets the request natively.
+    endpoint: ClassVar[str] = ""
 
     model: str
     # Seconds the whole request may take (as self-hosted servers accept it); the gateway caps it.
@@ -119,7 +121,21 @@ class ModelRequest(Request):
         if len(body) > min(LIMITS.prompt_chars, LIMITS.input_tokens):
             request.check_size()
         object.__setattr__(request, "_sent", body)  # past pydantic's __setattr__, which checks for fields
+        object.__setattr__(request, "_origin", None)
         return request
+
+    @classmethod
+    def translated(cls, fields: dict[str, Any], origin: ModelRequest) -> Self:
+        """This protocol's request made from another's (`origin`, as its client sent it): what a front end of
+        another protocol hands the chain. Its limits are checked as for a request sent as it is."""
+        request = cls.parse(to_json(fields))
+        object.__setattr__(request, "_origin", origin)
+        return request
+
+    @property
+    def origin(self) -> ModelRequest | None:
+        """The request of another protocol this one was translated from, if any."""
+        return self._origin
 
     def check_size(self) -> None:
         """400 when the request's text or token ids pass their limits."""

@@ -8,14 +8,15 @@ import contextlib
 import copy
 import functools
 import json
-from typing import AsyncIterator, Awaitable, TypeVar
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import as_api_error
+from gateway.errors import APIError, as_api_error
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody is left to read it
@@ -74,20 +75,45 @@ def _client_left(watcher: asyncio.Task | None, task: asyncio.Task) -> bool:
     return watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0
 
 
-def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:
-    """Send JSON strings as SSE `data:` events, then `[DONE]`; an error mid-stream becomes a last event."""
+@dataclass(frozen=True)
+class Framing:
+    """How a protocol writes its stream: each event (a JSON string), an error once the headers are gone, the end."""
 
-    async def with_done() -> AsyncIterator[bytes]:
+    event: Callable[[str], bytes]
+    error: Callable[[APIError], bytes]
+    end: bytes = b""
+
+
+def data_frame(event: str) -> bytes:
+    return b"data: %s\n\n" % event.encode()
+
+
+def named_frame(event: str) -> bytes:
+    """An SSE event named by its JSON's `type` (the Responses and Messages APIs' streams)."""
+    kind = json.loads(event)["type"]
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), event.encode())
+
+
+# Chat and legacy completions: `data:` events, an error as one more, then `[DONE]`.
+OPENAI_FRAMING = Framing(data_frame, lambda error: data_frame(json.dumps(error.body())), b"data: [DONE]\n\n")
+
+
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None,
+                 framing: Framing = OPENAI_FRAMING) -> EventSourceResponse:  # fmt: skip
+    """Send JSON strings as SSE events, in `framing`; an error mid-stream becomes a last event."""
+
+    async def framed() -> AsyncIterator[bytes]:
         # Events go out as encoded bytes, which sse-starlette passes through: no event object per token.
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
-                    yield b"data: %s\n\n" % event.encode()
-        except Exception as error:  # headers are gone already: report in the stream, as OpenAI does
-            yield b"data: %s\n\n" % json.dumps(as_api_error(error).body()).encode()
-        yield b"data: [DONE]\n\n"
+                    yield framing.event(event)
+        except Exception as error:  # headers are gone already: report in the stream, as the providers do
+            yield framing.error(as_api_error(error))
+        if framing.end:
+            yield framing.end
 
-    return _EventStream.streaming(with_done(), headers or {})
+    return _EventStream.streaming(framed(), headers or {})
 
 
 class _EventStream(EventSourceResponse):

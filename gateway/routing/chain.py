@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -35,8 +35,22 @@ TIMEOUT_HEADER = "x-request-timeout"
 T = TypeVar("T")
 
 
-async def dispatch(request: Request, endpoint: str, request_type: type[ModelRequest]) -> Response:
-    """Read a request for `endpoint` and serve it from the first target of its model's chain that can."""
+class FrontEnd(Protocol):
+    """A protocol served through the internal one (Chat Completions, `ChatCompletionRequest`): its requests
+    translated down before routing, the chain's answers translated back."""
+
+    def internal(self, body: ModelRequest) -> ModelRequest:
+        """The internal request for `body` (made with `translated`, so it keeps `body` as its origin)."""
+
+    def answer(self, body: ModelRequest, outcome: Outcome, events: AsyncIterator[str] | None,
+               headers: dict[str, str]) -> Response:  # fmt: skip
+        """The client's response: `outcome.body`, or `events` (the outcome's, under the deadline), in the format
+        of `outcome.endpoint`, rendered in this protocol's."""
+
+
+async def dispatch(request: Request, request_type: type[ModelRequest], front: FrontEnd | None = None) -> Response:
+    """Read a request of `request_type` and serve it from the first target of its model's chain that can; through
+    `front`'s translations for a protocol other than the internal one."""
     state = request.app.state
     record = current_request()
     # One timer for the whole request, from its start: the x-request-timeout header (or the default)
@@ -50,19 +64,23 @@ async def dispatch(request: Request, endpoint: str, request_type: type[ModelRequ
             seconds = request_timeout(body.timeout, state.settings)
             alarm.reset(started + seconds)
         deadline = Deadline(started + seconds, seconds)
-        route = state.router.resolve(body.model)
-        record.model = body.model  # once known: metrics take no label values from unknown names
+        served = body if front is None else front.internal(body)
+        route = state.router.resolve(served.model)
+        record.model = served.model  # once known: metrics take no label values from unknown names
         if record.limits is not None:  # 429 unless the key's tokens per minute leave room; settled as it ends
-            record.reserved = record.limits.reserve(body.most_tokens(state.settings.ctx))
-        chain = _Chain(route, endpoint, body, deadline.at, state.retry, record)
+            record.reserved = record.limits.reserve(served.most_tokens(state.settings.ctx))
+        chain = _Chain(route, served.endpoint, served, deadline.at, state.retry, record)
         outcome = await until_disconnected(request, _within(alarm, deadline, chain.serve(), record))
     finally:
         alarm.disarm()
     if isinstance(outcome, Response):
         return outcome  # the client left; the work is cancelled
     headers = {TARGET_HEADER: outcome.target}
-    if outcome.events is not None:
-        return sse_response(_relay(outcome, deadline), headers)
+    events = None if outcome.events is None else _relay(outcome, deadline)
+    if front is not None:
+        return front.answer(body, outcome, events, headers)
+    if events is not None:
+        return sse_response(events, headers)
     return Response(outcome.body, media_type="application/json", headers=headers)
 
 

@@ -35,8 +35,12 @@ AUTH_STATUS = {401, 403}  # the provider refuses the gateway's own key
 @dataclass
 class Outcome:
     target: str
+    endpoint: str
     body: bytes | None = None
     events: AsyncIterator[str] | None = None
+    # The endpoint whose wire format body and events are in: the internal request's, or the origin's where a
+    # provider that speaks the client's protocol was sent the client's request as it is.
+    endpoint: str
 
 
 class TargetFailure(APIError):
@@ -87,8 +91,8 @@ class LocalTarget:
             except EngineError as error:
                 raise self._failure(error) from error
         if isinstance(result, BaseModel):
-            return Outcome(self.name, body=result.model_dump_json().encode())
-        return Outcome(self.name, events=result)
+            return Outcome(self.name, endpoint, body=result.model_dump_json().encode())
+        return Outcome(self.name, endpoint, events=result)
 
     def _stalled(self) -> APIError:
         return APIError(
@@ -130,14 +134,14 @@ class RemoteTarget:
         if payload.get("stream"):
             tally = StreamTally(current_request(), client_wants_usage=body.wants_usage())
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-            return Outcome(self.name, events=await primed(self._events(url, to_json(payload), headers, tally)))
+            return Outcome(self.name, endpoint, events=await primed(self._events(url, to_json(payload), headers, tally)))
         try:  # pydantic-core's JSON encoder and decoder (tally.py) take a fifth to a third of the json module's time
             async with self._post(url, to_json(payload), headers) as response:
                 content = await self._read_ok(response)
         except UpstreamUnavailable as error:
             raise self._unreachable(error) from error
         record_body_usage(current_request(), content)
-        return Outcome(self.name, body=content)
+        return Outcome(self.name, endpoint, body=content)
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]):
         return self.client.post(url, body, headers, self.config.connect_timeout, self.config.read_timeout)
