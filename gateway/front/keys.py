@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import math
 import time
@@ -81,6 +82,7 @@ def _limited(unit: str, limit: int, wait: float) -> APIError:
 class Key:
     limits: KeyLimits
     admin: bool  # may load and unload models and see target URLs in /health
+    owner: str  # a stable id of the key (a hash of it): what it stores, such as responses, is its own
 
 
 class KeyRing:
@@ -89,7 +91,9 @@ class KeyRing:
 
     def __init__(self, keys: list[ApiKey]):
         self._keys = [
-            (k.secret().encode(), Key(KeyLimits(k.requests_per_minute, k.tokens_per_minute), k.admin)) for k in keys
+            (secret, Key(KeyLimits(k.requests_per_minute, k.tokens_per_minute), k.admin, _owner(secret)))
+            for k in keys
+            for secret in [k.secret().encode()]
         ]
         self.closed = any(not key.admin for _, key in self._keys)  # every /v1/ path needs a key
         self.guards_admin = bool(self._keys)  # load and unload need an admin key
@@ -116,6 +120,10 @@ class KeyRing:
         return key is not None and key.admin
 
 
+def _owner(secret: bytes) -> str:
+    return hashlib.sha256(secret).hexdigest()[:32]
+
+
 def presented_key(headers: dict[bytes, bytes]) -> str | None:
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -137,16 +145,18 @@ class ApiKeyMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and (keys := scope["app"].state.keys):
             try:
-                current_request().limits = _admit(keys, dict(scope["headers"]))
+                record = current_request()
+                key = _admit(keys, dict(scope["headers"]))
+                record.limits, record.owner = key.limits, key.owner
             except APIError as error:
                 return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def _admit(keys: KeyRing, headers: dict[bytes, bytes]) -> KeyLimits:
+def _admit(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:
     key = _identify(keys, headers)
     key.limits.admit()
-    return key.limits
+    return key
 
 
 def _identify(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:

@@ -43,6 +43,7 @@ class RequestRecord:
     cached_tokens: int = 0  # prompt tokens the engine did not compute again (prefix reuse)
     first_token_at: float | None = None
     limits: TokenAllowance | None = None  # the client key's, charged with the tokens used when the request ends
+    owner: str = ""  # the client key's stable id ("" on a gateway without keys): what it stores is its own
     reserved: int = 0  # the request's maximum, held against the key's tokens per minute while it runs
     # A remote target is answering and has not yet said (or shown, in a stream that ended) what it used.
     usage_pending: bool = False
