@@ -106,7 +106,7 @@ class ChatOutput:
     def finish(self, parser: OutputParser, finish_reason: str | None) -> tuple[list[Event], str | None]:
         """The events still held at the end of a choice, and its finish reason ("tool_calls" when it called)."""
         try:
-            events = parser.finish()
+            events = parser.finish(cut_off=finish_reason == "length")
         except InvalidToolCall as error:
             return [], self._unfinished(error, finish_reason)
         return events, self._finish_reason(bool(parser.calls), finish_reason)

@@ -136,8 +136,11 @@ class OutputParser:
         self._run(final=False)
         return self._take()
 
-    def finish(self) -> list[Event]:
-        """The events still held back; raises InvalidToolCall if the output ended inside a call."""
+    def finish(self, cut_off: bool = False) -> list[Event]:
+        """The events still held back; raises InvalidToolCall if the output ended inside a call. An output `cut_off`
+        by its token budget may end in part of a call marker: a call that never began, left out like one cut off."""
+        if cut_off and self._state == "text" and self._begin:
+            self._buf = self._buf[: len(self._buf) - _partial(self._buf, self._begin)]
         self._run(final=True)
         if self._state == "call":
             raise InvalidToolCall("The model's output ended inside a tool call.")

@@ -435,3 +435,13 @@ def test_a_schema_that_cannot_check_is_a_refused_call_not_a_crash():
     parser = OutputParser(FORMATS["hermes"], [tool])
     with pytest.raises(InvalidToolCall, match="cannot check"):
         parser.feed('<tool_call>\n{"name":"f","arguments":{}}\n</tool_call>')
+
+
+def test_a_call_marker_cut_off_by_the_budget_never_reaches_text():
+    parser = _parser("hermes", None, False)
+    first = '<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>\n<tool_ca'
+    events = parser.feed(first) + parser.finish(cut_off=True)
+    assert not [event for event in events if isinstance(event, Text)]
+    assert len(parser.calls) == 1
+    ended = _parser("hermes", None, False)
+    assert ended.feed("Sure <tool") + ended.finish() == [Text("Sure"), Text(" <tool")]  # not cut: it was text
