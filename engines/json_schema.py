@@ -9,6 +9,7 @@ The limits follow OpenAI's structured outputs where it has one (properties, enum
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, NoReturn
 from urllib.parse import unquote
@@ -204,3 +205,22 @@ def _render(path: tuple) -> str:
 
 def _is_list_of(value: Any, kind: type) -> bool:
     return isinstance(value, list) and all(isinstance(item, kind) for item in value)
+
+
+def integer_bounds(schema: dict) -> tuple[int, int]:
+    """The smallest and largest integer a schema allows, within MOST_INTEGER (every engine's grammar keeps to them);
+    ValueError where its bounds are not numbers or no integer lies within them."""
+    low, high = -MOST_INTEGER, MOST_INTEGER
+    if any(isinstance(schema.get(k, 0), bool) or not isinstance(schema.get(k, 0), int | float) for k in INTEGER_BOUNDS):
+        raise ValueError(f"integer bounds must be numbers: {schema}")
+    if "minimum" in schema:
+        low = max(low, math.ceil(schema["minimum"]))
+    if "exclusiveMinimum" in schema:
+        low = max(low, math.floor(schema["exclusiveMinimum"]) + 1)
+    if "maximum" in schema:
+        high = min(high, math.floor(schema["maximum"]))
+    if "exclusiveMaximum" in schema:
+        high = min(high, math.ceil(schema["exclusiveMaximum"]) - 1)
+    if low > high:
+        raise ValueError(f"no integer lies within the bounds {low}..{high}")
+    return low, high

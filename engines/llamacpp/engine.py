@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 from typing import Any, AsyncIterator
@@ -24,12 +25,14 @@ from engines.base import (
     too_long_to_tokenize,
 )
 from engines.common import BaseEngine
+from engines.json_budget import BudgetWatch, closing_plan
 from engines.llamacpp.native import (
     Batch,
     Vocab,
     json_grammar,
     model_metadata,
     native_logs_while_loading,
+    text_tokens,
     tool_call_grammar,
 )
 from engines.llamacpp.scheduler import Scheduler
@@ -188,21 +191,25 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     async def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-        template_args: dict[str, Any] | None = None,
+        template_args: dict[str, Any] | None = None, add_generation_prompt: bool = True,
     ) -> Prompt:  # fmt: skip
         scheduler = self._require_ready()
         if self._chat_formatter is None:
             raise UnsupportedFeature(
                 f"model {self.config.served_name!r} has no chat template; use /v1/completions", param="model"
             )
+        formatter = self._chat_formatter
+        if not add_generation_prompt:  # a shallow copy shares the compiled template
+            formatter = copy.copy(formatter)
+            formatter.add_generation_prompt = False
         with scheduler.intake():
-            return await self._off_loop(self._render_chat, messages, tools, template_args or {})
+            return await self._off_loop(self._render_chat, formatter, messages, tools, template_args or {})
 
-    def _render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     template_args: dict[str, Any]) -> Prompt:  # fmt: skip
+    def _render_chat(self, formatter: Jinja2ChatFormatter, messages: list[dict[str, Any]],
+                     tools: list[dict[str, Any]] | None, template_args: dict[str, Any]) -> Prompt:  # fmt: skip
         """On a prompt thread: a template takes time that grows with the messages."""
         try:
-            text = self._chat_formatter(messages=messages, tools=tools, **template_args).prompt
+            text = formatter(messages=messages, tools=tools, **template_args).prompt
         except (jinja2.TemplateError, ValueError, TypeError) as exc:  # ValueError: the template's raise_exception
             raise ChatTemplateRefused(
                 f"The model's chat template cannot render these messages: {str(exc)[:300]}", param="messages"
@@ -211,19 +218,25 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         tokens = self._encode(text, add_special=False, parse_special=True, window=window, param="messages")
         return Prompt(text=text, token_ids=tokens)
 
-    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
+    async def encode_prompt(self, prompt: str | list[int], add_special: bool = True) -> Prompt:
         scheduler = self._require_ready()
         if isinstance(prompt, list):
-            self._check_token_ids(prompt)
+            self._check_token_ids(prompt, "prompt")
             return Prompt(text="", token_ids=list(prompt))
         # The worker's hand-over waits for a prompt about to be submitted (`WorkerThread.intake`).
         with scheduler.intake():
-            tokens = await self._encode_raw(prompt, window=self.context_length(), param="prompt")
-        return Prompt(text=prompt, token_ids=tokens or [self._vocab.bos])
+            tokens = await self._encode_raw(prompt, window=self.context_length(), param="prompt",
+                                            add_special=add_special)  # fmt: skip
+        if not tokens and add_special:  # generation starts from at least one token
+            tokens = [self._vocab.bos]
+        return Prompt(text=prompt, token_ids=tokens)
 
-    def _encode_raw(self, text: str, *, window: int, param: str) -> asyncio.Future:
-        """A raw text's tokens, on a prompt thread: with BOS, and special tokens' texts read as plain text."""
-        return self._off_loop(self._encode, text, add_special=True, parse_special=False, window=window, param=param)
+    def _encode_raw(self, text: str, *, window: int, param: str, add_special: bool = True) -> asyncio.Future:
+        """A raw text's tokens, on a prompt thread: with BOS (unless not `add_special`), and special tokens' texts
+        read as plain text."""
+        return self._off_loop(
+            self._encode, text, add_special=add_special, parse_special=False, window=window, param=param
+        )  # fmt: skip
 
     def _encode(self, text: str, *, add_special: bool, parse_special: bool, window: int, param: str) -> list[int]:
         """On a prompt thread: llama.cpp's tokenizer is slow (it builds its regular expressions on every call)
@@ -234,27 +247,49 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             raise too_long_to_tokenize(window, least, param)
         return self._vocab.tokenize(parts, add_special=add_special, parse_special=parse_special)
 
-    def _check_token_ids(self, tokens: list[int]) -> None:
+    def _check_token_ids(self, tokens: list[int], param: str) -> None:
         if not tokens or any(t < 0 or t >= self._vocab.size for t in tokens):
-            raise UnsupportedFeature(f"token ids must be in [0, {self._vocab.size})", param="prompt")
+            raise UnsupportedFeature(f"token ids must be in [0, {self._vocab.size})", param=param)
+
+    async def decode(self, sequences: list[list[int]]) -> list[str]:
+        self._require_ready()
+        return await self._off_loop(self._decode, sequences)
+
+    def _decode(self, sequences: list[list[int]]) -> list[str]:
+        """On a prompt thread (a long list takes a while to check): the pieces joined, as llama-server's /detokenize
+        does."""
+        for tokens in filter(None, sequences):
+            self._check_token_ids(tokens, "tokens")
+        piece = self._vocab.piece
+        return [b"".join(piece(t, special=True) for t in tokens).decode(errors="replace") for tokens in sequences]
 
     # ---- generation ------------------------------------------------------------------------
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         scheduler = self._require_ready()
-        grammar, shown = None, frozenset()
-        if params.tool_calls is not None:
-            grammar = await asyncio.to_thread(tool_call_grammar, params.tool_calls)
-            # A control token in the markers ("[TOOL_CALLS]") is text the client's parser must see.
-            shown = self._vocab.control_tokens_in(params.tool_calls.begin + params.tool_calls.end)
-        elif params.json_schema is not None:
-            grammar = await asyncio.to_thread(json_grammar, params.json_schema)
-        sequence = scheduler.submit(prompt.token_ids, params, grammar, shown)
+        grammar, shown, watch = None, frozenset(), None
+        if params.tool_calls is not None or params.json_schema is not None:  # most requests have neither
+            grammar, shown, watch = await asyncio.to_thread(self._constraint, params)
+        sequence = scheduler.submit(prompt.token_ids, params, grammar, shown, watch)
         try:
             async for delta in deltas(sequence, scheduler):
                 yield delta
         finally:
             scheduler.forget(sequence)
+
+    def _constraint(self, params: SamplingParams) -> tuple[str, frozenset[int], BudgetWatch | None]:
+        """On a thread: the constraint's grammar, the control tokens its markers show, and the watch that closes its
+        JSON before the token budget runs out."""
+        shown = frozenset()
+        if params.tool_calls is not None:
+            grammar = tool_call_grammar(params.tool_calls)
+            # A control token in the markers ("[TOOL_CALLS]") is text the client's parser must see.
+            shown = self._vocab.control_tokens_in(params.tool_calls.begin + params.tool_calls.end)
+        else:
+            grammar = json_grammar(params.json_schema)
+        plan = closing_plan(params)
+        watch = plan.watch(lambda text: len(text_tokens(self._vocab, text, shown))) if plan is not None else None
+        return grammar, shown, watch
 
     # ---- embeddings ------------------------------------------------------------------------
 
@@ -267,7 +302,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             if isinstance(item, str):
                 tokens = await self._encode_raw(item, window=self._embedding_window(), param="input")
             else:
-                self._check_token_ids(item)
+                self._check_token_ids(item, "input")
                 tokens = item
             if len(tokens) > self._embedding_window():
                 raise ContextLengthExceeded(

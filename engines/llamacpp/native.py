@@ -11,7 +11,6 @@ import ctypes
 import functools
 import json
 import logging
-import math
 import re
 from typing import Iterator
 
@@ -20,7 +19,7 @@ import numpy as np
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter
 
 from engines.base import END_OFF, SamplingParams, ToolCallConstraint
-from engines.json_schema import INTEGER_BOUNDS, MOST_INTEGER, InvalidSchema
+from engines.json_schema import INTEGER_BOUNDS, InvalidSchema, integer_bounds
 from engines.llamacpp.steps import SlotSampling
 
 PENALTY_WINDOW = 256  # tokens the repetition/presence/frequency penalties look back over
@@ -235,6 +234,16 @@ def tool_call_grammar(calls: ToolCallConstraint) -> str:
     return _checked(_grammar(json.dumps(calls.schema), sections), "tools")
 
 
+def exact_grammar(tokens: list[int]) -> str:
+    """GBNF for exactly these tokens, then the end: a JSON answer's closing (engines/json_budget.py)."""
+    return "root ::= " + (" ".join(f"<[{token}]>" for token in tokens) or '""')
+
+
+def text_tokens(vocab: Vocab, text: str, shown: frozenset[int]) -> list[int]:
+    """The tokens a closing text is written in: a marker's control tokens (`shown`) as themselves."""
+    return vocab.tokenize([text.encode()], add_special=False, parse_special=bool(shown))
+
+
 def _checked(result: tuple[str, str | None], param: str) -> str:
     grammar, error = result
     if error is not None:
@@ -263,26 +272,6 @@ def _grammar(schema_json: str, sections: tuple[str, str, bool, bool] | None) -> 
             "load: lower its maxLength, maxItems or pattern repetition counts."
         )
     return grammar, _terminals_error(grammar)
-
-
-
-
-def _integer_bounds(schema: dict) -> tuple[int, int]:
-    """The smallest and largest integer a schema allows, within MOST_INTEGER (ValueError, a 400, if none)."""
-    low, high = -MOST_INTEGER, MOST_INTEGER
-    if any(isinstance(schema.get(k, 0), bool) or not isinstance(schema.get(k, 0), int | float) for k in INTEGER_BOUNDS):
-        raise ValueError(f"integer bounds must be numbers: {schema}")
-    if "minimum" in schema:
-        low = max(low, math.ceil(schema["minimum"]))
-    if "exclusiveMinimum" in schema:
-        low = max(low, math.floor(schema["exclusiveMinimum"]) + 1)
-    if "maximum" in schema:
-        high = min(high, math.floor(schema["maximum"]))
-    if "exclusiveMaximum" in schema:
-        high = min(high, math.ceil(schema["exclusiveMaximum"]) - 1)
-    if low > high:
-        raise ValueError(f"no integer lies within the bounds {low}..{high}")
-    return low, high
 
 
 def _integer_range(low: int, high: int) -> str:
@@ -330,18 +319,21 @@ class _CompactConverter(SchemaConverter):
     """llama-cpp-python's schema converter (the version pinned in pyproject.toml), writing compact JSON: no
     whitespace between tokens (strings keep theirs), so a small model cannot loop on free whitespace; and free-form
     values (`{"type": "object"}`, json_object) nest at most MAX_JSON_NESTING objects and arrays deep, so it cannot
-    open brackets until `max_tokens` either."""
+    open brackets until `max_tokens` either. A string's characters leave out the control characters JSON forbids
+    unescaped (the library's allow them: a small model wrote a raw newline into a key, which no JSON parser reads)."""
 
     def __init__(self):
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self._rules["space"] = '""'
+        hex4 = " ".join(["[0-9a-fA-F]"] * 4)
+        self._rules["char"] = rf'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" {hex4})'
 
     def visit(self, schema, name):
         """The library's converter, plus integer bounds, which it leaves out (a small model then writes a number
         past them, and the call fails validation)."""
         if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in INTEGER_BOUNDS):
             rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
-            return self._add_rule(rule_name, _integer_range(*_integer_bounds(schema)) + " space")
+            return self._add_rule(rule_name, _integer_range(*integer_bounds(schema)) + " space")
         return super().visit(schema, name)
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:

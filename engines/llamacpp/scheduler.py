@@ -30,7 +30,16 @@ import llama_cpp
 import numpy as np
 
 from engines.base import Delta, SamplingParams, TokenLogprob
-from engines.llamacpp.native import Batch, Vocab, build_sampling, log_softmax, output_logits
+from engines.json_budget import BudgetWatch
+from engines.llamacpp.native import (
+    Batch,
+    Vocab,
+    build_sampling,
+    exact_grammar,
+    log_softmax,
+    output_logits,
+    text_tokens,
+)
 from engines.llamacpp.steps import (
     COUNT,
     DECODING,
@@ -39,12 +48,15 @@ from engines.llamacpp.steps import (
     FINISHED_EOG,
     FINISHED_LENGTH,
     FLAGS,
+    LEFT,
+    NO_WATCH,
     POS,
     RUN_FINISHED,
     RUN_INTERRUPTED,
     RUN_RING_FULL,
     RUN_TIMED_OUT,
     STOP_AT_EOG,
+    WATCH,
     SlotSampling,
     Steps,
 )
@@ -67,6 +79,8 @@ class Sequence:
     inbox: asyncio.Queue
     tag: int  # names its sampled tokens in the ring
     shown: frozenset[int] = frozenset()  # control tokens its text shows (tool-call markers); others are hidden
+    watch: BudgetWatch | None = None  # a constrained JSON answer's token budget (the engine's thread's)
+    watched: int = 0  # its tokens the watch has read
     slot: int = -1
     n_cached: int = 0
     reused: int = 0  # prompt tokens whose KV cache was already in the slot
@@ -120,9 +134,11 @@ class Scheduler(WorkerThread):
     # ---- event-loop side -------------------------------------------------------------------
 
     def submit(
-        self, tokens: list[int], params: SamplingParams, grammar: str | None, shown: frozenset[int] = frozenset()
-    ) -> Sequence:
-        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue(), next(self._tags), shown=shown)
+        self, tokens: list[int], params: SamplingParams, grammar: str | None, shown: frozenset[int] = frozenset(),
+        watch: BudgetWatch | None = None,
+    ) -> Sequence:  # fmt: skip
+        sequence = Sequence(list(tokens), params, grammar, asyncio.Queue(), next(self._tags), shown=shown,
+                            watch=watch, watched=len(tokens))  # fmt: skip
         sequence.stops = StopMatcher(params.stop)
         self._enqueue(sequence)
         self._streams[sequence.tag] = sequence
@@ -240,6 +256,8 @@ class Scheduler(WorkerThread):
         left = min(params.max_tokens, self._context_length - len(sequence.tokens))
         flags = (0 if params.ignore_eos else STOP_AT_EOG) | (EMIT if sequence.native else 0)
         self._steps.occupy(slot, sequence.tag, len(sequence.tokens), keep, left, flags, sequence.sampling)
+        if sequence.watch is not None:
+            self._look(sequence)
 
     def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot for a prompt, and how many of its tokens that slot's KV cache holds.
@@ -262,7 +280,8 @@ class Scheduler(WorkerThread):
             self._step_in_python()
 
     def _run_in_c(self) -> None:
-        """Steps in C until something needs Python: a sequence finished, something came in, or 50 ms passed."""
+        """Steps in C until something needs Python: a sequence finished or reached its watch mark, something came in,
+        or 50 ms passed."""
         status = self._steps.run()
         self._collect(self._running)
         if status not in RUN_STATUSES:
@@ -330,6 +349,38 @@ class Scheduler(WorkerThread):
             sequence.n_cached = int(columns[slot, POS])
             if columns[slot, FINISHED]:
                 self._release(sequence)
+            elif columns[slot, LEFT] <= columns[slot, WATCH]:
+                self._look(sequence)
+
+    def _look(self, sequence: Sequence) -> None:
+        """A constrained sequence at its watch mark: from now on it writes only its closing, then ends, where that is
+        due; else C steps it until the next mark."""
+        try:
+            closing = self._closing_due(sequence)
+        except Exception:  # it goes on unwatched, rather than fail with every sequence in this step
+            log.exception("the JSON budget watch failed")
+            closing, sequence.watch = None, None
+        if closing is not None:
+            self._steps.resample(sequence.slot, closing)
+            sequence.sampling.free()
+            sequence.sampling, sequence.watch = closing, None
+        if sequence.watch is None:
+            self._steps.columns[sequence.slot, WATCH] = NO_WATCH
+
+    def _closing_due(self, sequence: Sequence) -> SlotSampling | None:
+        """The sequence's new text goes to its watch. Returns the sampling of exactly its closing where that is due;
+        else None, with the next mark set."""
+        columns, slot = self._steps.columns, sequence.slot
+        new = sequence.tokens[sequence.watched :]
+        sequence.watched = len(sequence.tokens)
+        sequence.watch.feed_bytes(b"".join(self._vocab.piece(t, special=t in sequence.shown) for t in new))
+        left = int(columns[slot, LEFT])
+        decision = sequence.watch.decide(left)
+        if decision.force is None:
+            columns[slot, WATCH] = left - decision.wait
+            return None
+        tokens = text_tokens(self._vocab, decision.force, sequence.shown)
+        return build_sampling(self._vocab, sequence.params, exact_grammar(tokens))
 
     def _token_logprob(self, token: int, logprobs, top: int) -> TokenLogprob:
         alternatives = []

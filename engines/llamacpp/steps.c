@@ -27,8 +27,9 @@ typedef int32_t (*decode_fn)(void *ctx, llama_batch batch);
 typedef float *(*logits_fn)(void *ctx);
 typedef int32_t (*sample_fn)(void *chain, void *ctx, int32_t index);
 
-/* Per-slot int32 columns. */
-enum { TAG, POS, COUNT, LEFT, FLAGS, FINISHED, BIAS_COUNT, COLUMNS };
+/* Per-slot int32 columns. WATCH: once LEFT is at most this, Python looks at the sequence before its next step
+ * (a constrained JSON answer's token budget, engines/json_budget.py); -1 for none. */
+enum { TAG, POS, COUNT, LEFT, FLAGS, FINISHED, BIAS_COUNT, WATCH, COLUMNS };
 /* Per-slot pointer columns. */
 enum { CHAIN, BIAS_IDS, BIAS_VALUES, HISTORY, POINTERS };
 /* FLAGS bits. */
@@ -124,11 +125,11 @@ static void push(gw_state *s, int32_t tag, int32_t token, int32_t finish) {
 }
 
 /* After a decode: samples every output of the batch, records it in its slot and, for slots that EMIT, in the
- * ring. Returns how many sequences finished. */
+ * ring. Returns how many sequences need Python: those that finished, and those at their WATCH. */
 int32_t gw_sample_outputs(gw_state *s) {
     llama_batch *batch = s->batch;
     float *logits = s->get_logits(s->ctx);
-    int32_t row = 0, finished = 0, emitted = 0;
+    int32_t row = 0, attention = 0, emitted = 0;
     for (int32_t i = 0; i < batch->n_tokens; i++) {
         if (!batch->logits[i])
             continue;
@@ -146,7 +147,7 @@ int32_t gw_sample_outputs(gw_state *s) {
             column[FINISHED] = FINISHED_EOG;
         else if (column[LEFT] <= 0)
             column[FINISHED] = FINISHED_LENGTH;
-        finished += column[FINISHED] != NOT_FINISHED;
+        attention += column[FINISHED] != NOT_FINISHED || column[LEFT] <= column[WATCH];
         if (column[FLAGS] & EMIT) {
             push(s, column[TAG], token, column[FINISHED]);
             emitted++;
@@ -154,8 +155,11 @@ int32_t gw_sample_outputs(gw_state *s) {
     }
     if (emitted)
         notify(s);
-    return finished;
+    return attention;
 }
+
+/* The column count this library was built with: steps.py refuses a library older than its columns. */
+int32_t gw_columns(void) { return COLUMNS; }
 
 /* Python pushes an entry itself where it adds something to the token first (logprobs). */
 void gw_emit(gw_state *s, int32_t tag, int32_t token, int32_t finish) {
@@ -178,9 +182,9 @@ int64_t gw_take(gw_state *s, int32_t *out, int64_t max) {
 
 /* Steps while every running sequence decodes one token a step: each DECODING slot's last token goes into
  * the batch (in slot order, so llama.cpp keeps them in one micro-batch), then the outputs are sampled.
- * Returns after a step where a sequence finished, after a step during which the event loop set INTERRUPT (a
- * request came in, or one was cancelled), after max_run_s, or, before a step, when the ring is short of room;
- * or a failed decode's status. */
+ * Returns after a step where a sequence finished or reached its WATCH (RUN_FINISHED: Python looks at it before
+ * it samples again), after a step during which the event loop set INTERRUPT (a request came in, or one was
+ * cancelled), after max_run_s, or, before a step, when the ring is short of room; or a failed decode's status. */
 int32_t gw_run(gw_state *s) {
     llama_batch *batch = s->batch;
     double started = now_s();

@@ -19,10 +19,11 @@ import llama_cpp
 import numpy as np
 
 # Per-slot int32 columns, pointer columns, flags, finishes and gw_run's returns: as in steps.c.
-TAG, POS, COUNT, LEFT, FLAGS, FINISHED, BIAS_COUNT, COLUMNS = range(8)
+TAG, POS, COUNT, LEFT, FLAGS, FINISHED, BIAS_COUNT, WATCH, COLUMNS = range(9)
 CHAIN, BIAS_IDS, BIAS_VALUES, HISTORY, POINTERS = range(5)
 DECODING, STOP_AT_EOG, EMIT = 1, 2, 4
 NOT_FINISHED, FINISHED_EOG, FINISHED_LENGTH = 0, 1, 2
+NO_WATCH = -1
 RUN_INTERRUPTED, RUN_FINISHED, RUN_RING_FULL, RUN_TIMED_OUT = -1001, -1002, -1003, -1004
 WRITTEN, READ, INTERRUPT = range(3)
 RING_ENTRIES = 1 << 16  # sampled tokens not yet read by the event loop; gw_run pauses when it runs short
@@ -60,16 +61,22 @@ def _library() -> ctypes.CDLL:
     if not found:
         raise ImportError(f"engines/llamacpp/steps.c is not compiled: run `pip install -e .` (no _steps*.so in {here})")
     library = ctypes.CDLL(found[0])
+    stale = ImportError(f"{found[0]} predates engines/llamacpp/steps.c: run `pip install -e .` to rebuild it")
     state = ctypes.c_void_p
     for name, argtypes, restype in [
+        ("gw_columns", [], ctypes.c_int32),
         ("gw_run", [state], ctypes.c_int32),
         ("gw_sample_outputs", [state], ctypes.c_int32),
         ("gw_emit", [state, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], None),
         ("gw_ring_room", [state], ctypes.c_int64),
         ("gw_take", [state, ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64),
     ]:
-        function = getattr(library, name)
+        function = getattr(library, name, None)
+        if function is None:
+            raise stale
         function.argtypes, function.restype = argtypes, restype
+    if library.gw_columns() != COLUMNS:  # a library built for other columns would write past them
+        raise stale
     return library
 
 
@@ -133,7 +140,12 @@ class Steps:
     def occupy(self, slot: int, tag: int, tokens: int, cached: int, left: int, flags: int, sampling: SlotSampling):
         """A sequence takes `slot`: `tokens` in its prompt, `cached` of them already in the KV cache, `left` it may
         generate."""
-        self.columns[slot] = (tag, cached, tokens, left, flags, NOT_FINISHED, len(sampling.bias_ids))
+        self.columns[slot] = (tag, cached, tokens, left, flags, NOT_FINISHED, len(sampling.bias_ids), NO_WATCH)
+        self.resample(slot, sampling)
+
+    def resample(self, slot: int, sampling: SlotSampling) -> None:
+        """How the slot's tokens are chosen from now on (the caller frees the sampling it replaces)."""
+        self.columns[slot, BIAS_COUNT] = len(sampling.bias_ids)
         chain = ctypes.cast(sampling.chain, ctypes.c_void_p).value if sampling.chain else 0
         self._pointers[slot, :HISTORY] = (chain, sampling.bias_ids.ctypes.data,
                                           sampling.bias_values.ctypes.data)  # fmt: skip
@@ -148,7 +160,7 @@ class Steps:
         return _lib.gw_run(self._address)
 
     def sample_outputs(self) -> int:
-        """Samples the outputs of the batch just decoded; returns how many sequences finished."""
+        """Samples the outputs of the batch just decoded; returns how many sequences finished or reached their watch."""
         return _lib.gw_sample_outputs(self._address)
 
     def emit(self, tag: int, token: int, finish: int) -> None:

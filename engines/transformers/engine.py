@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAnd
 from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, UnsupportedFeature
 from engines.common import BaseEngine
 from engines.hf_prompts import HFPrompts, longest_piece
+from engines.json_budget import TokenCloser, closing_plan
 from engines.llguidance_grammars import json_matcher, marker_pieces, special_tokens, tool_call_matcher
 from engines.transformers.sampling import TokenChooser
 from engines.transformers.worker import Worker, eos_ids
@@ -145,7 +146,17 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
     def _chooser(self, params: SamplingParams) -> TokenChooser:
         vocab = self._model.get_output_embeddings().weight.shape[0]
         eos = eos_ids(self._model, self._tokenizer)
-        return TokenChooser(params, vocab, eos, self._matcher(params), self._model.device)
+        matcher = self._matcher(params)
+        return TokenChooser(params, vocab, eos, matcher, self._model.device, self._closer(params, matcher))
+
+    def _closer(self, params: SamplingParams, matcher: llguidance.LLMatcher | None) -> TokenCloser | None:
+        """Closes a constrained JSON answer before its token budget runs out (engines/json_budget.py)."""
+        plan = closing_plan(params) if matcher is not None else None
+        if plan is None:
+            return None
+        tokenizer = self._grammar_tokenizer
+        watch = plan.watch(lambda text: len(tokenizer.tokenize_str(text)))
+        return TokenCloser(watch, tokenizer, lambda tokens: matcher.validate_tokens(tokens) == len(tokens))
 
     def _matcher(self, params: SamplingParams) -> llguidance.LLMatcher | None:
         """The grammar of the request's constraint (one at most), built here: it takes time that grows with it."""

@@ -17,18 +17,23 @@ import numpy as np
 import torch
 
 from engines.base import END_OFF, SamplingParams, UnsupportedFeature
+from engines.json_budget import TokenCloser
 
 # Penalties look back over the last 256 generated tokens, as the llama.cpp engine's do.
 PENALTY_WINDOW = 256
 
 
 class TokenChooser:
-    """Per-sequence sampling state: the generator, token counts for penalties, the grammar matcher."""
+    """Per-sequence sampling state: the generator, token counts for penalties, the grammar matcher, and the closer
+    that writes a JSON answer's closing when its token budget runs out."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, eos_ids: list[int],
-                 matcher: llguidance.LLMatcher | None, device: torch.device):  # fmt: skip
+                 matcher: llguidance.LLMatcher | None, device: torch.device,
+                 closer: TokenCloser | None = None):  # fmt: skip
         self.params = params
         self.matcher = matcher
+        self.closer = closer
+        self.generated: list[int] = []
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little"))
         self._vocab_size = vocab_size
@@ -52,20 +57,27 @@ class TokenChooser:
         )
         return vector
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick the next token from one row of float32 logits (modified in place)."""
-        logits = logits[: self._vocab_size]
+    def choose(self, logits: torch.Tensor, left: int) -> int:
+        """Pick the next token from one row of float32 logits (modified in place); `left`: tokens the sequence may
+        still write, this one included."""
+        token = self.closer.next_token(self.generated, left) if self.closer is not None else None
+        if token is None:
+            token = self._sample(logits[: self._vocab_size])
+        self._recent.append(token)
+        if self.closer is not None:
+            self.generated.append(token)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+        return token
+
+    def _sample(self, logits: torch.Tensor) -> int:
         if self._bias is not None:
             logits += self._bias
         self._penalise(logits)
         if self.matcher is not None:
             llguidance.torch.fill_next_token_bitmask(self.matcher, self._mask, 0)
             forbid(logits, self._mask)
-        token = self._draw(logits)
-        self._recent.append(token)
-        if self.matcher is not None:
-            self.matcher.consume_token(token)
-        return token
+        return self._draw(logits)
 
     def _penalise(self, logits: torch.Tensor) -> None:
         params = self.params

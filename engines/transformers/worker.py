@@ -120,7 +120,8 @@ class Worker(WorkerThread):
         logits = output.logits[0, -1].float()
         params = sequence.params
         raw = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
-        token = sequence.chooser.choose(logits)
+        left = min(params.max_tokens, self._context_length - len(sequence.prompt)) - sequence.generated
+        token = sequence.chooser.choose(logits, left)
         sequence.pending = [token]
         sequence.generated += 1
         end_of_text = token in self._eos and not params.ignore_eos

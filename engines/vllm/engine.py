@@ -43,7 +43,9 @@ from engines.base import (  # noqa: E402
 )
 from engines.common import BaseEngine  # noqa: E402
 from engines.hf_prompts import HFPrompts, longest_piece  # noqa: E402
+from engines.json_budget import closed_constraint  # noqa: E402
 from engines.llguidance_grammars import compact_schema, special_tokens, tool_call_grammar  # noqa: E402
+from engines.vllm.closing import JsonClosingProcessor, closing_args  # noqa: E402
 
 
 def hf_directory(model_path: str) -> str:
@@ -113,6 +115,8 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             disable_log_stats=True,
             # Compact JSON (no whitespace between tokens) under every constraint: vLLM reads this flag per engine.
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
+            # Closes constrained JSON as the token budget runs out (vLLM refuses logits processors for pooling).
+            logits_processors=None if self._embeds_only else [JsonClosingProcessor],
         )
 
     def _runner(self) -> AsyncLLM | None:
@@ -225,8 +229,15 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             # lets no other special token through, and the end token that stops the output is never text.
             skip_special_tokens=params.tool_calls is None,
             structured_outputs=structured,
+            extra_args=self._closing(params),
             output_kind=RequestOutputKind.DELTA,
         )
+
+    @staticmethod
+    def _closing(params: SamplingParams) -> dict | None:
+        """For a constrained answer, what the engine process's JsonClosingProcessor needs to close it in time."""
+        constraint = closed_constraint(params)
+        return None if constraint is None else closing_args(*constraint)
 
     def _structured(self, params: SamplingParams) -> StructuredOutputsParams | None:
         """The request's constraint for vLLM's guidance backend: compact JSON, or tool-call sections (Lark)."""

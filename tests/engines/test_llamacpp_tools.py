@@ -227,13 +227,15 @@ def test_json_object_nests_at_most_eight_levels(llama):
     assert_compact(text)
 
 
-def test_json_object_cut_by_max_tokens_is_cut(llama):
-    """The grammar does not know the token budget: an answer that reaches it stops mid-value, as OpenAI's does."""
-    text, finish = llama.generate(ASK, max_tokens=6, temperature=0, json_schema={"type": "object"})
-    assert finish == "length"
-    assert text.startswith("{")
+def test_json_object_with_a_tiny_budget_is_closed_in_time(llama):
+    """Left to the model (ignore_eos), an answer that reaches max_tokens stops mid-value; the engine closes it in
+    time (engines/json_budget.py, tests/engines/test_json_budget.py)."""
+    text, finish = llama.generate(ASK, max_tokens=6, temperature=0, json_schema={"type": "object"}, ignore_eos=True)
+    assert finish == "length" and text.startswith("{")
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
+    text, finish = llama.generate(ASK, max_tokens=6, temperature=0, json_schema={"type": "object"})
+    assert finish == "stop" and isinstance(json.loads(text), dict)
 
 
 # A template of this test's own that uses what real tool templates use: tools, tojson, namespace, loop controls,
