@@ -27,7 +27,7 @@ LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 ENGINE_SETUP_vllm := setup-vllm models-hf
 ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm models models-hf run test test-unit bench bench-vllm bench-overhead bench-memory clean compose-tool load-test
+.PHONY: setup setup-vllm models models-hf run test test-unit bench bench-constrained bench-vllm bench-overhead bench-memory clean compose-tool load-test
 
 setup: $(STAMP) models setup-vllm models-hf
 
@@ -94,9 +94,16 @@ $(BENCH_STAMP): $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --progress-bar off -e '.[test,bench]'
 	touch $@
 
+LLAMA_SERVER = "$$(scripts/build_llama_server.sh $(BENCH_CACHE) $(VENV)/bin/pip $(LLAMA_CMAKE_ARGS))"
+
+# Benchmark 1: sampled chat (what users run), then greedy completions as the second table.
 bench: $(BENCH_STAMP) models
-	$(PY) scripts/bench_llamacpp.py \
-		--llama-server "$$(scripts/build_llama_server.sh $(BENCH_CACHE) $(VENV)/bin/pip $(LLAMA_CMAKE_ARGS))"
+	$(PY) scripts/bench_llamacpp.py --workload chat --llama-server $(LLAMA_SERVER)
+	$(PY) scripts/bench_llamacpp.py --workload greedy --name bench_llamacpp_greedy --llama-server $(LLAMA_SERVER)
+
+# Benchmark 5: JSON-constrained decoding against free decoding per engine, and llama-server with the same grammar.
+bench-constrained: $(BENCH_STAMP) models models-hf
+	$(PY) scripts/bench_constrained.py --llama-server $(LLAMA_SERVER)
 
 # Benchmark 2: the vLLM engine against `vllm serve`, both from the vLLM virtualenv, on the converted model;
 # float32, since bf16 runs 5.6x slower on an AVX2-only CPU.

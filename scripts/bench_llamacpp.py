@@ -3,8 +3,12 @@ llama-server (same vendored llama.cpp, same CPU flags) and llama-cpp-python's ow
 model, threads and context, at several numbers of concurrent streams.
 
 All servers run side by side; every repetition measures each of them in turn (the order rotates), so
-load from other processes on the machine hits all of them alike. Each stream is one streamed
-/v1/completions request for a fixed prompt, `max_tokens` tokens, EOS ignored, greedy.
+load from other processes on the machine hits all of them alike. Two workloads (`--workload`):
+- `chat` (the default, what users run): each stream is one streamed /v1/chat/completions request with its own
+  prompt and seed, sampled at temperature 0.8 with top_k 40, top_p 0.95 and min_p 0.05 sent to every server
+  (llama-server's defaults, which it applies when a client leaves them out; the gateway, as OpenAI, applies
+  none), `max_tokens` tokens, EOS ignored;
+- `greedy`: each stream is one streamed /v1/completions request for one fixed prompt, greedy, EOS ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, Service  # noqa: E402
-from bench_streams import ALIAS, PROMPT, US, add_stream_arguments, run_benchmark  # noqa: E402
+from bench_streams import ALIAS, PROMPT, US, add_stream_arguments, chat_prompt, run_benchmark  # noqa: E402
 
 
 def gateway(args) -> Service:
@@ -57,11 +61,16 @@ def llama_cpp_python(args) -> Service:
 PEERS = {US: gateway, "llama-server": llama_server, "llama-cpp-python": llama_cpp_python}
 
 
-def request_body(peer: str, args, eog_ids: list[int]) -> dict:
-    body = {
-        "model": ALIAS, "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+# The sampling of the chat workload, sent to every server alike.
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+def request_body(peer: str, number: int, args, eog_ids: list[int]) -> dict:
+    body = {"model": ALIAS, "max_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    if args.workload == "chat":
+        body.update(SAMPLING, messages=[{"role": "user", "content": chat_prompt(number)}], seed=number)
+    else:
+        body.update(prompt=PROMPT, temperature=0)
     if peer == "llama-cpp-python":  # no ignore_eos there: forbid the end-of-generation tokens instead
         body["logit_bias"] = {str(token): -100.0 for token in eog_ids}
     else:
@@ -98,6 +107,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--prompt-cache", action="store_true", help="let llama-server and the gateway reuse prompt KV")
+    parser.add_argument("--workload", choices=("chat", "greedy"), default="chat",
+                        help="chat: sampled chat completions, distinct prompts; greedy: completions of one prompt")
     add_stream_arguments(parser, "bench_llamacpp")
     return parser.parse_args()
 
@@ -106,7 +117,7 @@ def main() -> None:
     args = parse_args()
     services = [PEERS[name](args) for name in args.peers.split(",")]
     eog_ids = eog_tokens(args.model)
-    run_benchmark(services, args, lambda peer: request_body(peer, args, eog_ids))
+    run_benchmark(services, args, lambda peer, number: request_body(peer, number, args, eog_ids))
 
 
 if __name__ == "__main__":

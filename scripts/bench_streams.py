@@ -1,7 +1,8 @@
 """Streaming throughput and time to first token of OpenAI-compatible servers, measured side by side:
-what benchmarks 1 (llama.cpp) and 2 (vLLM) share. Each stream is one streamed /v1/completions request;
-aggregate = all generated tokens / wall time, per-stream = tokens after the first over its decode time,
-TTFT = from sending to the first generated text."""
+what benchmarks 1 (llama.cpp) and 2 (vLLM) share. Each stream is one streamed request, to
+/v1/chat/completions when its body has `messages`, else to /v1/completions; aggregate = all generated tokens
+/ wall time, per-stream = tokens after the first over its decode time, TTFT = from sending to the first
+generated text."""
 
 from __future__ import annotations
 
@@ -37,6 +38,20 @@ PROMPT = (
 )
 ALIAS = "bench"
 US = "gateway"
+# Distinct chat prompts of about the same length: stream i asks about SUBJECTS[i % 16], numbered i.
+SUBJECTS = (
+    "a lighthouse keeper", "a travelling baker", "a retired astronaut", "a village doctor", "a young cartographer",
+    "a night-shift nurse", "a beekeeper", "a ferry captain", "a museum guard", "a mountain guide", "a clockmaker",
+    "a librarian", "a fisherman's daughter", "a street musician", "a glassblower", "a railway signalman",
+)
+RequestBody = Callable[[str, int], dict]  # (server name, stream number) -> the body of that stream's request
+
+
+def chat_prompt(number: int) -> str:
+    return (
+        f"Story {number}: write a long, detailed story about {SUBJECTS[number % len(SUBJECTS)]} who finds a message "
+        "in a bottle, describing the sea, the weather, the daily routine and the people of the nearby village."
+    )
 
 
 STREAMS_PER_CLIENT = 16  # about what one Python client process keeps up with (../shared/gpu/README.md)
@@ -63,7 +78,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> St
             event = json.loads(line[6:])
             if event.get("usage"):
                 usage_tokens = event["usage"]["completion_tokens"]
-            if any(choice.get("text") for choice in event.get("choices") or []):
+            if any(_text(choice) for choice in event.get("choices") or []):
                 now = time.time()
                 first = first or now
                 last = now
@@ -73,30 +88,37 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> St
     return Stream(sent, first, last, usage_tokens or chunks)
 
 
-def client_streams(url: str, body: dict, count: int, start_at: float) -> list[Stream]:
-    """One client process's share: `count` concurrent streams, sent at `start_at`."""
+def _text(choice: dict) -> str | None:
+    return choice.get("text") or (choice.get("delta") or {}).get("content")
+
+
+def client_streams(base_url: str, bodies: list[dict], start_at: float) -> list[Stream]:
+    """One client process's share: a stream for each body, all sent at `start_at`."""
 
     async def run() -> list[Stream]:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         timeout = aiohttp.ClientTimeout(total=1800)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            return await asyncio.gather(*(one_stream(session, url, body) for _ in range(count)))
+            return await asyncio.gather(*(one_stream(session, _url(base_url, body), body) for body in bodies))
 
     return asyncio.run(run())
 
 
-def run_streams(service: Service, body: dict, concurrency: int) -> dict:
-    """`concurrency` streams at once, from several client processes above STREAMS_PER_CLIENT streams, so
+def _url(base_url: str, body: dict) -> str:
+    return base_url + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
+
+
+def run_streams(service: Service, bodies: list[dict]) -> dict:
+    """A stream per body, all at once, from several client processes above STREAMS_PER_CLIENT streams, so
     that the client's own Python is never what limits the figure."""
-    url = service.base_url + "/v1/completions"
-    clients = math.ceil(concurrency / STREAMS_PER_CLIENT)
-    shares = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
+    clients = math.ceil(len(bodies) / STREAMS_PER_CLIENT)
     if clients == 1:
-        streams = client_streams(url, body, concurrency, time.time())
+        streams = client_streams(service.base_url, bodies, time.time())
     else:
         with ProcessPoolExecutor(clients) as pool:
             start_at = time.time() + 1.0  # every process started and ready
-            futures = [pool.submit(client_streams, url, body, share, start_at) for share in shares]
+            shares = [bodies[i::clients] for i in range(clients)]
+            futures = [pool.submit(client_streams, service.base_url, share, start_at) for share in shares]
             streams = [stream for future in futures for stream in future.result()]
     start = min(s.sent for s in streams)
     wall = max(s.last for s in streams) - start
@@ -113,19 +135,24 @@ def run_streams(service: Service, body: dict, concurrency: int) -> dict:
     }
 
 
-def measure(services: list[Service], args, request_body: Callable[[str], dict]) -> dict:
-    """Every service at every concurrency, `args.reps` times, the order rotating each repetition."""
+def measure(services: list[Service], args, request_body: RequestBody) -> dict:
+    """Every service at every concurrency, `args.reps` times, the order rotating each repetition; in one
+    repetition every service gets the same requests (prompts and seeds)."""
     raw: dict = {s.name: {c: [] for c in args.concurrency} for s in services}
+
+    def bodies(service: Service, first: int, count: int, **override) -> list[dict]:
+        return [{**request_body(service.name, first + i), **override} for i in range(count)]
+
     # Warm-up at every concurrency: first-call allocations, and on a GPU each batch shape's first kernels
     # (40-50 ms more TTFT for every server in a 4- or 8-stream run's first repetition), stay out of the figures.
     for service in services:
         for concurrency in args.concurrency:
-            run_streams(service, {**request_body(service.name), "max_tokens": 8}, concurrency)
+            run_streams(service, bodies(service, 0, concurrency, max_tokens=8))
     for rep in range(args.reps):
         for concurrency in args.concurrency:
             order = services[rep % len(services) :] + services[: rep % len(services)]
             for service in order:
-                run = run_streams(service, request_body(service.name), concurrency)
+                run = run_streams(service, bodies(service, (rep + 1) * 1000 + concurrency, concurrency))
                 raw[service.name][concurrency].append(run)
                 print(
                     f"rep {rep + 1} c={concurrency:>2} {service.name:<17} {run['aggregate_tps']:7.1f} tok/s "
@@ -169,7 +196,7 @@ def table(summary: dict, concurrencies: list[int]) -> str:
     return markdown_table(header, rows)
 
 
-def run_benchmark(services: list[Service], args, request_body: Callable[[str], dict], after=None) -> None:
+def run_benchmark(services: list[Service], args, request_body: RequestBody, after=None) -> None:
     """Start every service, measure them in turn, stop them, and write `bench-results/<args.name>.*`;
     `after(services)`, if given, runs between the measuring and the stopping."""
     exit_on_sigterm()

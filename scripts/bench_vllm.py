@@ -90,7 +90,7 @@ def main() -> None:
         def after(services):
             profile(services, lambda peer: request_body(args), args, RESULTS_DIR / f"{args.name}-profile")
 
-    run_benchmark(services, args, lambda peer: request_body(args), after=after)
+    run_benchmark(services, args, lambda peer, number: request_body(args), after=after)
 
 
 if __name__ == "__main__":
