@@ -186,15 +186,22 @@ class Engine(Protocol):
 
     async def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-        template_args: dict[str, Any] | None = None,
+        template_args: dict[str, Any] | None = None, add_generation_prompt: bool = True,
     ) -> Prompt:  # fmt: skip
         """Apply the model's chat template and tokenize. `messages` are OpenAI-shaped dicts (assistant messages may
         hold `tool_calls` with `function.arguments` as a dict, `tool` messages a `tool_call_id`); `tools` (OpenAI's
-        list) goes to templates that take it; `template_args` are extra template variables (`enable_thinking`)."""
+        list) goes to templates that take it; `template_args` are extra template variables (`enable_thinking`);
+        without `add_generation_prompt` the prompt ends with the last message (for counting, not generating)."""
         ...
 
-    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
-        """Tokenize a raw completion prompt (or accept token ids as they are)."""
+    async def encode_prompt(self, prompt: str | list[int], add_special: bool = True) -> Prompt:
+        """Tokenize a raw completion prompt (or accept token ids as they are); with `add_special`, the special
+        tokens the tokenizer adds (BOS), and at least one token for generation to start from."""
+        ...
+
+    async def decode(self, sequences: list[list[int]]) -> list[str]:
+        """Each sequence's text, special tokens written out (/detokenize; one token's text, its piece). A 400
+        naming `tokens` for an id outside the vocabulary."""
         ...
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:

@@ -58,20 +58,20 @@ class HFPrompts:
 
     async def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-        template_args: dict[str, Any] | None = None,
+        template_args: dict[str, Any] | None = None, add_generation_prompt: bool = True,
     ) -> Prompt:  # fmt: skip
         self._require_ready()
         template_args = template_args or {}
         if clash := sorted(set(template_args) & reserved_template_names(type(self._tokenizer))):
             raise UnsupportedFeature(f"template variables {clash} are reserved", param="chat_template_kwargs")
-        return await self._off_loop(self._render_chat, messages, tools, template_args)
+        return await self._off_loop(self._render_chat, messages, tools, template_args, add_generation_prompt)
 
     def _render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                     template_args: dict[str, Any]) -> Prompt:  # fmt: skip
+                     template_args: dict[str, Any], add_generation_prompt: bool) -> Prompt:  # fmt: skip
         """On a prompt thread: a template takes time that grows with the messages."""
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True, **template_args
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **template_args
             )
         except (TemplateError, TypeError) as exc:  # the template refused these messages (raise_exception) or
             # could not read them (a None content added to a string): the request's fault, not the server's
@@ -81,18 +81,20 @@ class HFPrompts:
         tokens = self._encode(text, add_special=False, window=self.context_length(), param="messages")
         return Prompt(text=text, token_ids=tokens)
 
-    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
+    async def encode_prompt(self, prompt: str | list[int], add_special: bool = True) -> Prompt:
         self._require_ready()
         if isinstance(prompt, list):
             self._check_token_ids(prompt, "prompt")
             return Prompt(text="", token_ids=list(prompt))
-        tokens = await self._tokenize(prompt, window=self.context_length(), param="prompt")
-        fallback = [t for t in (self._tokenizer.bos_token_id, self._tokenizer.eos_token_id) if t is not None][:1]
-        return Prompt(text=prompt, token_ids=tokens or fallback)
+        tokens = await self._tokenize(prompt, window=self.context_length(), param="prompt", add_special=add_special)
+        if not tokens and add_special:  # generation starts from at least one token
+            tokens = [t for t in (self._tokenizer.bos_token_id, self._tokenizer.eos_token_id) if t is not None][:1]
+        return Prompt(text=prompt, token_ids=tokens)
 
-    async def _tokenize(self, text: str, *, window: int, param: str) -> list[int]:
-        """A raw text's tokens (with the special tokens the tokenizer adds), on a prompt thread unless short."""
-        encode = functools.partial(self._encode, add_special=True, window=window, param=param)
+    async def _tokenize(self, text: str, *, window: int, param: str, add_special: bool = True) -> list[int]:
+        """A raw text's tokens (with the special tokens the tokenizer adds, unless not `add_special`), on a prompt
+        thread unless short."""
+        encode = functools.partial(self._encode, add_special=add_special, window=window, param=param)
         if len(text) <= INLINE_TOKENIZE_CHARS:
             return encode(text)
         return await self._off_loop(encode, text)
@@ -109,6 +111,16 @@ class HFPrompts:
         size = len(self._tokenizer)
         if not tokens or any(t < 0 or t >= size for t in tokens):
             raise UnsupportedFeature(f"token ids must be in [0, {size})", param=param)
+
+    async def decode(self, sequences: list[list[int]]) -> list[str]:
+        self._require_ready()
+        return await self._off_loop(self._decode, sequences)
+
+    def _decode(self, sequences: list[list[int]]) -> list[str]:
+        """On a prompt thread: a long list takes a while to check and decode."""
+        for tokens in filter(None, sequences):
+            self._check_token_ids(tokens, "tokens")
+        return self._tokenizer.batch_decode(sequences)
 
     async def _embedding_inputs(self, inputs: list[str] | list[list[int]], window: int) -> list[list[int]]:
         """Token ids for each embedding input; 400 when one does not fit the model's window."""

@@ -13,8 +13,10 @@ from starlette.types import ASGIApp
 
 from engines import DEFAULT_EMBEDDING_MODELS, create_engine
 from engines.base import EngineConfig
-from gateway.api import chat, completions, embeddings, health, models
+from gateway.api import chat, completions, embeddings, health, models, responses, tokenize
 from gateway.api import metrics as metrics_api
+from gateway.api.messages import routes as messages
+from gateway.api.messages.provider import AnthropicTranslation
 from gateway.api.protocol import apply_limits
 from gateway.errors import install_error_handlers
 from gateway.front.body import BodyGuard, OwnBodyLane, include_body_schemas
@@ -26,6 +28,7 @@ from gateway.models.lifecycle import ManagedModel, ModelManager
 from gateway.models.registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
 from gateway.routing.breaker import Breaker
 from gateway.routing.config import (
+    AnthropicTargetConfig,
     GatewayConfig,
     LocalTargetConfig,
     RemoteTargetConfig,
@@ -35,7 +38,7 @@ from gateway.routing.config import (
     simple_config,
 )
 from gateway.routing.router import ModelRouter
-from gateway.routing.targets import LocalHandler, LocalTarget, RemoteTarget
+from gateway.routing.targets import AnthropicTarget, LocalHandler, LocalTarget, ProviderAdapter, RemoteTarget
 from gateway.settings import Settings
 from gateway.telemetry import metrics, tracing
 from gateway.telemetry.requests import RequestIdMiddleware
@@ -56,21 +59,25 @@ LOCAL_HANDLERS: dict[str, LocalHandler] = {
     "chat/completions": chat.serve_locally,
     "completions": completions.serve_locally,
     "embeddings": embeddings.serve_locally,
+    "messages/count_tokens": messages.count_locally,  # a token count: the prompt rendered, never generated
 }
+# How a `type: anthropic` target is sent the internal chat request: the Messages front end's translation.
+ANTHROPIC_ADAPTER: ProviderAdapter = AnthropicTranslation()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = GatewayApp(title="local-llm-gateway", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
-    apply_limits(settings)  # on the request models, which every app in this process shares
+    # On the request models, which every app in this process shares.
+    apply_limits(settings, (*tokenize.LIMITED_MODELS, *messages.LIMITED_MODELS, *responses.LIMITED_MODELS))
     app.state.router = ModelRouter()  # filled at start-up
     app.state.keys = KeyRing([])
     app.state.retry = RetryPolicy()
     app.state.started = int(time.time())
     metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()],
                                             lambda: _memory_gauges(app)))  # fmt: skip
-    for module in (chat, completions, embeddings, models, health, metrics_api):
+    for module in (chat, completions, embeddings, models, health, metrics_api, tokenize, messages, responses):
         app.include_router(module.router)
     include_body_schemas(app)
     install_error_handlers(app)
@@ -184,6 +191,8 @@ async def _lifespan(app: FastAPI):
             model = managed_model(settings, registry, manager, target)
             manager.add(model)
             targets[name] = LocalTarget(name, model, LOCAL_HANDLERS, breaker)
+        elif isinstance(target, AnthropicTargetConfig):
+            targets[name] = AnthropicTarget(name, target, http, breaker, ANTHROPIC_ADAPTER)
         else:
             targets[name] = RemoteTarget(name, target, http, breaker)
     app.state.router = ModelRouter(targets, config.routes())

@@ -1,4 +1,6 @@
-"""OpenAI-shaped errors: every failure leaves the gateway as {"error": {message, type, param, code}}."""
+"""Every failure leaves the gateway in its route's protocol's error shape: Anthropic's on the Messages API's routes
+({"type": "error", "error": {type, message}}), OpenAI's everywhere else ({"error": {message, type, param, code}}).
+`APIError.body(path)` holds that one rule; every place that renders an error goes through it."""
 
 from __future__ import annotations
 
@@ -9,10 +11,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from engines.base import EngineError
 
 log = logging.getLogger(__name__)
+ANTHROPIC_ROUTES = "/v1/messages"  # the Messages API (and /v1/messages/...): errors in Anthropic's shape
+# Anthropic's error type for a status; any other is "invalid_request_error" below 500 and "api_error" from it.
+ANTHROPIC_TYPES = {
+    401: "authentication_error", 402: "billing_error", 403: "permission_error", 404: "not_found_error",
+    408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+    504: "timeout_error", 529: "overloaded_error",
+}  # fmt: skip
 
 
 class APIError(Exception):
@@ -34,11 +44,25 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
-    def body(self) -> dict:
+    def body(self, path: str = "") -> dict:
+        """The error as the protocol of the route at `path` shapes it."""
+        if path == ANTHROPIC_ROUTES or path.startswith(ANTHROPIC_ROUTES + "/"):
+            return self.anthropic_body()
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        """Anthropic's shape has no `param`: the message names it, as Anthropic's own messages do ("tools.0: ...")."""
+        default = "invalid_request_error" if self.status_code < 500 else "api_error"
+        named = self.param is None or f"'{self.param}'" in self.message
+        message = self.message if named else f"{self.param}: {self.message}"
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status_code, default), "message": message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.body(path), status_code=self.status_code, headers=self.headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a request with this error, as an ASGI app, in the shape of the request's route."""
+        await self.response(scope.get("path", ""))(scope, receive, send)
 
 
 def invalid_param(param: str, message: str, code: str | None = None) -> APIError:
@@ -113,22 +137,23 @@ def invalid_request(errors: Sequence[dict]) -> APIError:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, error: APIError) -> JSONResponse:
-        return error.response()
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response(request.url.path)
 
     @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, error: EngineError) -> JSONResponse:
-        return from_engine_error(error).response()
+    async def _engine_error(request: Request, error: EngineError) -> JSONResponse:
+        return from_engine_error(error).response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        return invalid_request(error.errors()).response()
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return invalid_request(error.errors()).response(request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+    async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return APIError(error.status_code, str(error.detail), code=code, headers=error.headers).response()
+        api_error = APIError(error.status_code, str(error.detail), code=code, headers=error.headers)
+        return api_error.response(request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        return as_api_error(error).response()
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        return as_api_error(error).response(request.url.path)

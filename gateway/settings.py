@@ -19,6 +19,14 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="public model id (default: the registry name or file stem)")
     models_dir: Path = Field(PROJECT_ROOT / "models", description="where model files are stored")
     registry: Path = Field(PROJECT_ROOT / "configs" / "models.yaml", description="the model registry file")
+    data_dir: Path = Field(
+        PROJECT_ROOT / "data", description="what the gateway keeps across restarts: the Responses API's stored "
+        "responses (responses.sqlite3)"
+    )
+    responses_max_stored: int = Field(
+        10_000, ge=1, description="stored responses kept (of all keys); past it the oldest are dropped"
+    )
+    responses_max_age_days: float = Field(30, gt=0, description="days a stored response is kept (OpenAI's 30)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
     max_header_bytes: int = Field(

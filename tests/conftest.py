@@ -148,6 +148,7 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None, wait_ready: b
         # Shared 2-core machines can stretch a test's requests past the 60 s default; the timeout
         # tests set their own.
         "LLM_REQUEST_TIMEOUT": "300",
+        "LLM_DATA_DIR": str(tmp_dir / "data"),  # stored responses: each test server's own
         "LLM_ENGINE": engine.name, **engine.env, **(env or {}),
     }  # fmt: skip
     with open(log_path, "wb") as log_file:

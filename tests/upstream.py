@@ -1,4 +1,5 @@
-"""A small misbehaving OpenAI-compatible server for routing tests, served by uvicorn on loopback.
+"""A small misbehaving provider for routing tests (OpenAI's chat and Responses APIs, Anthropic's Messages API),
+served by uvicorn on loopback.
 
 Each target in a test config uses its own base URL, `http://127.0.0.1:PORT/<name>/v1`; what `<name>`
 does is its mode: the name's last dash-separated word (`a-500` answers 500), which tests may change while
@@ -12,7 +13,18 @@ it runs (PUT /control/<name>). Modes:
   cut3     streams 3 chunks, then drops the connection
   empty    a stream that ends at once, without a chunk or [DONE]
   fail2    500 for the first 2 requests, then ok
-GET /control/<name> says how many requests <name> received; `received[name]` holds the last body.
+Anthropic's Messages API, at <base>/messages and <base>/messages/count_tokens (which counts COUNTED_TOKENS) only
+(an Anthropic target's base URL is `anthropic_url(name)`):
+  anthropic          answers like Anthropic (a stream of message_start, a text block of 5 deltas, message_delta with
+                     the usage, message_stop; or one message), with text "from <name>"
+  anthropictools     calls the request's first tool (tool_use), with the whole request it received as the input
+  anthropic529, anthropic401, anthropic400: Anthropic-shaped errors (overloaded, authentication, invalid request)
+  anthropicfail2     529 for the first 2 requests, then as anthropic
+  anthropicoverload  a stream whose first event is followed by an overloaded error event, before any text
+OpenAI's Responses API, at <base>/responses only:
+  responses          a minimal valid Responses body, or its stream of typed events, with text "from <name>"
+GET /control/<name> says how many requests <name> received; `received[name]` holds the last body, and
+`headers[name]` its headers.
 `RawUpstream` writes raw HTTP/1.1 for what uvicorn never sends (tests/test_hardening_upstream.py).
 """
 
@@ -23,6 +35,7 @@ import collections
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -39,6 +52,7 @@ class Upstream:
         self.modes: dict[str, str] = {}
         self.hits: collections.Counter = collections.Counter()
         self.received: dict[str, dict] = {}
+        self.headers: dict[str, dict[str, str]] = {}
         routes = [
             Route("/control/{name}", self._control, methods=["GET", "PUT"]),
             Route("/{name}/v1/{endpoint:path}", self._serve, methods=["POST"]),
@@ -49,6 +63,10 @@ class Upstream:
 
     def base_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}/v1"
+
+    def anthropic_url(self, name: str) -> str:
+        """The API root, as Anthropic's own (https://api.anthropic.com): the target adds /v1."""
+        return f"http://127.0.0.1:{self.port}/{name}"
 
     def start(self) -> "Upstream":
         self._thread.start()
@@ -75,6 +93,11 @@ class Upstream:
         self.hits[name] += 1
         mode = self._mode(name)
         body = self.received[name] = await request.json()
+        self.headers[name] = dict(request.headers)
+        if mode.startswith("anthropic"):
+            return _anthropic(name, mode, request.path_params["endpoint"], body, self.hits[name])
+        if mode == "responses":
+            return _responses(name, request.path_params["endpoint"], body)
         if mode == "fail2":
             mode = "500" if self.hits[name] <= 2 else "ok"
         if mode in ERRORS:
@@ -124,8 +147,12 @@ def _deltas(name: str, mode: str, body: dict) -> list[tuple[dict, str | None]]:
     """The stream's deltas with their finish reasons; the role comes first, as from OpenAI."""
     if mode == "tools":
         return _tool_call_deltas(_tool_call(body))
-    words = [name if word == "<name>" else word for word in WORDS]
-    return [({"role": "assistant", "content": ""}, None), *(({"content": word}, None) for word in words)]
+    return [({"role": "assistant", "content": ""}, None), *(({"content": word}, None) for word in _words(name))]
+
+
+def _words(name: str) -> list[str]:
+    """What a stream sends, piece by piece: "from <name> upstream"."""
+    return [name if word == "<name>" else word for word in WORDS]
 
 
 def _tool_call_deltas(call: dict) -> list[tuple[dict, str | None]]:
@@ -148,6 +175,126 @@ async def _stream(name: str, mode: str, body: dict):
     if (body.get("stream_options") or {}).get("include_usage") and mode != "nousage":
         yield _chunk(name, {}, usage=STREAM_USAGE)
     yield "data: [DONE]\n\n"
+
+
+# ---- Anthropic's Messages API ------------------------------------------------------------------------------------
+
+ANTHROPIC_ERRORS = {"anthropic529": (529, "overloaded_error"), "anthropic401": (401, "authentication_error"),
+                    "anthropic400": (400, "invalid_request_error")}  # fmt: skip
+ANTHROPIC_USAGE = {"input_tokens": 3, "output_tokens": len(WORDS)}
+COUNTED_TOKENS = 7  # what /messages/count_tokens answers
+
+
+def _anthropic(name: str, mode: str, endpoint: str, body: dict, hits: int) -> Response:
+    if endpoint == "messages/count_tokens":
+        return JSONResponse({"input_tokens": COUNTED_TOKENS})
+    if endpoint != "messages":
+        return _anthropic_error(404, "not_found_error", f"no endpoint /v1/{endpoint}")
+    if mode == "anthropicfail2":
+        mode = "anthropic529" if hits <= 2 else "anthropic"
+    if mode in ANTHROPIC_ERRORS:
+        status, kind = ANTHROPIC_ERRORS[mode]
+        return _anthropic_error(status, kind, f"upstream says {status}")
+    blocks = [_tool_use(body)] if mode == "anthropictools" else [{"type": "text", "text": f"from {name}"}]
+    if body.get("stream"):
+        return StreamingResponse(_message_events(name, body, blocks, mode), media_type="text/event-stream")
+    stop_reason = "tool_use" if mode == "anthropictools" else "end_turn"
+    return JSONResponse(_message(body, blocks, stop_reason, ANTHROPIC_USAGE))
+
+
+def _anthropic_error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+
+
+def _tool_use(body: dict) -> dict:
+    return {"type": "tool_use", "id": "toolu_echo", "name": body["tools"][0]["name"], "input": body}
+
+
+def _message(body: dict, content: list[dict], stop_reason: str | None, usage: dict) -> dict:
+    return {"id": "msg_upstream", "type": "message", "role": "assistant", "model": body["model"], "content": content,
+            "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}  # fmt: skip
+
+
+def _event(data: dict) -> str:
+    """An SSE event named by its type, as Anthropic's and the Responses API's streams are."""
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _message_events(name: str, body: dict, blocks: list[dict], mode: str):
+    started = _message(body, [], None, {"input_tokens": 3, "output_tokens": 1})
+    yield _event({"type": "message_start", "message": started})
+    if mode == "anthropicoverload":
+        yield _event({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        return
+    start, deltas, stop_reason = _block_deltas(name, blocks[0])
+    yield _event({"type": "content_block_start", "index": 0, "content_block": start})
+    yield _event({"type": "ping"})
+    for delta in deltas:
+        yield _event({"type": "content_block_delta", "index": 0, "delta": delta})
+        await asyncio.sleep(0.01)
+    yield _event({"type": "content_block_stop", "index": 0})
+    yield _event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                  "usage": {"output_tokens": len(deltas)}})  # fmt: skip
+    yield _event({"type": "message_stop"})
+
+
+def _block_deltas(name: str, block: dict) -> tuple[dict, list[dict], str]:
+    """A content block as Anthropic streams it: its start (empty), its deltas, and the message's stop reason."""
+    if block["type"] == "tool_use":
+        arguments = json.dumps(block["input"])
+        pieces = [arguments[i : i + 40] for i in range(0, len(arguments), 40)]
+        return {**block, "input": {}}, [{"type": "input_json_delta", "partial_json": p} for p in pieces], "tool_use"
+    return {**block, "text": ""}, [{"type": "text_delta", "text": word} for word in _words(name)], "end_turn"
+
+
+# ---- OpenAI's Responses API -----------------------------------------------------------------------------------------
+
+RESPONSES_USAGE = {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(WORDS),
+                   "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 3 + len(WORDS)}  # fmt: skip
+
+
+def _responses(name: str, endpoint: str, body: dict) -> Response:
+    if endpoint != "responses":
+        return JSONResponse(_error(404), status_code=404)
+    response_id = f"resp_{uuid.uuid4().hex}"  # unique, as a provider's: the gateway stores responses by id
+    if body.get("stream"):
+        return StreamingResponse(_response_events(name, body, response_id), media_type="text/event-stream")
+    text = f"from {name}"  # as a whole answer of the chat modes
+    output = [_output_message(text, "completed")]
+    return JSONResponse(_response(response_id, body, "completed", output, RESPONSES_USAGE))
+
+
+def _response(response_id: str, body: dict, status: str, output: list[dict], usage: dict | None) -> dict:
+    return {"id": response_id, "object": "response", "created_at": 0, "status": status, "model": body["model"],
+            "output": output, "usage": usage, "error": None, "incomplete_details": None, "instructions": None,
+            "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0, "top_p": 1.0, "tool_choice": "auto",
+            "tools": []}  # fmt: skip
+
+
+def _output_message(text: str, status: str) -> dict:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if text else []
+    return {"type": "message", "id": "msg_upstream", "status": status, "role": "assistant", "content": content}
+
+
+async def _response_events(name: str, body: dict, response_id: str):
+    text = "".join(_words(name))
+    item = {"item_id": "msg_upstream", "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    events = [
+        {"type": "response.created", "response": _response(response_id, body, "in_progress", [], None)},
+        {"type": "response.in_progress", "response": _response(response_id, body, "in_progress", [], None)},
+        {"type": "response.output_item.added", "output_index": 0, "item": _output_message("", "in_progress")},
+        {"type": "response.content_part.added", **item, "part": part},
+        *({"type": "response.output_text.delta", **item, "delta": word, "logprobs": []} for word in _words(name)),
+        {"type": "response.output_text.done", **item, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **item, "part": {**part, "text": text}},
+        {"type": "response.output_item.done", "output_index": 0, "item": _output_message(text, "completed")},
+        {"type": "response.completed",
+         "response": _response(response_id, body, "completed", [_output_message(text, "completed")], RESPONSES_USAGE)},
+    ]  # fmt: skip
+    for number, event in enumerate(events):
+        yield _event({**event, "sequence_number": number})
+        await asyncio.sleep(0.01)
 
 
 class RawUpstream:

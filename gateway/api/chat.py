@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from engines.base import Delta, Engine, TokenLogprob
+from engines.base import Delta, Engine, Prompt, TokenLogprob
 from engines.json_schema import check_schema
 from gateway.api.chat_output import ChatOutput
 from gateway.api.generation import ChoiceResult, Reply, fit_max_tokens, merge, produce, start_generations
@@ -43,12 +43,9 @@ async def create_chat_completion(request: Request):
 
 async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     schema = body.response_format.schema_for_engine() if body.response_format else None
-    output = ChatOutput.of(body, await engine.chat_template(), engine.tool_format)
+    output, prompt = await render_prompt(engine, body)
     if schema is not None or output.tools:  # most requests have neither: no thread hop for them
         await asyncio.to_thread(_check_schemas, schema, output.tools)
-    messages, tools = output.prompt_messages(body)
-    thinking = {"enable_thinking": THINKING[body.reasoning_effort]} if body.reasoning_effort else None
-    prompt = await engine.render_chat(messages, tools, thinking)
     output = output.after_prompt(prompt.text)
     max_tokens = fit_max_tokens(engine, len(prompt.token_ids), body.requested_max_tokens())
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -58,6 +55,17 @@ async def serve_locally(engine: Engine, body: ChatCompletionRequest):
     reply = _ChatReply(new_id("chatcmpl"), now(), body.model, len(prompt.token_ids), body.n)
     reply.output = output if output.parses() else None
     return await produce(reply, merged, body.stream, body.wants_usage())
+
+
+async def render_prompt(engine: Engine, body: ChatCompletionRequest,
+                        add_generation_prompt: bool = True) -> tuple[ChatOutput, Prompt]:  # fmt: skip
+    """A chat request's prompt as the model's template renders it (its tools in the model's tool format, its thinking
+    switch), and how the output will be read: what generating, counting and /tokenize all use."""
+    output = ChatOutput.of(body, await engine.chat_template(), engine.tool_format)
+    messages, tools = output.prompt_messages(body)
+    thinking = {"enable_thinking": THINKING[body.reasoning_effort]} if body.reasoning_effort else None
+    prompt = await engine.render_chat(messages, tools, thinking, add_generation_prompt=add_generation_prompt)
+    return output, prompt
 
 
 def _check_schemas(response_schema: dict | None, tools: list[ToolSpec]) -> None:

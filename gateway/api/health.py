@@ -64,7 +64,8 @@ async def root() -> dict:
     return {
         "name": "local-llm-gateway",
         "openai_base_url": "/v1",
-        "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+        "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+                      "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize", "/health",
                       "/ready", "/metrics"],
         "docs": "/docs",
         "openapi": "/openapi.json",

@@ -694,8 +694,9 @@ def _reject_extra_fields(request: BaseModel) -> None:
 
 
 
-def apply_limits(settings: Settings) -> None:
-    """Validate every request against the limits `settings` name, from now on (called once, at start-up)."""
+def apply_limits(settings: Settings, more: tuple[type[BaseModel], ...] = ()) -> None:
+    """Validate every request against the limits `settings` name, from now on (called once, at start-up): OpenAI's
+    request models and `more`, the other front ends' (after these, as some build on the chat request)."""
     set_limits(settings)
-    for model in _LIMITED_MODELS:  # inner models first: the outer ones build on their schemas
+    for model in (*_LIMITED_MODELS, *more):  # inner models first: the outer ones build on their schemas
         model.model_rebuild(force=True)

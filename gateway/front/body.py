@@ -50,8 +50,8 @@ class OwnBodyLane:
 
     FastAPI's handler (dependencies solved for parameters these endpoints do not have), Starlette's error and
     exception middlewares, FastAPI's exit stack and the router's matching would cost a relayed request CPU for
-    nothing here (docs/design/own-body-lane.md). Errors become OpenAI-shaped answers as the app's handlers
-    make them.
+    nothing here (docs/design/own-body-lane.md). Errors become answers in the route's protocol's shape, as the
+    app's handlers make them.
     """
 
     def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute]):
@@ -66,7 +66,7 @@ class OwnBodyLane:
         try:
             response = await route.endpoint(Request(scope, receive))
         except Exception as error:
-            response = as_api_error(error).response()
+            response = as_api_error(error).response(scope["path"])
         await response(scope, receive, send)
 
 
@@ -87,7 +87,7 @@ class BodyGuard:
             if length or chunked:  # a POST without a body (load, unload) has nothing to check
                 limit = scope["app"].state.settings.max_body_bytes
                 if (error := _refusal(media_type, length, limit)) is not None:
-                    return await error.response()(scope, receive, send)
+                    return await error(scope, receive, send)
                 if chunked:  # no length was declared: count what arrives
                     receive = _counted(receive, limit)
         await self.app(scope, receive, send)

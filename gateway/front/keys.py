@@ -14,6 +14,8 @@ from gateway.routing.config import ApiKey
 from gateway.telemetry.requests import current_request
 
 WINDOW = 60.0  # rate limits are per minute, over a sliding window
+# Paths outside /v1/ that read a model all the same (vLLM's and llama-server's names): guarded like /v1/ ones.
+GUARDED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 class KeyLimits:
@@ -132,9 +134,9 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
 
 
 class ApiKeyMiddleware:
-    """401 without a valid key and 429 over the key's limits, for every path under /v1/; the key's limits go on
-    the request's record, to be charged with the tokens used. Health, readiness and metrics stay open for
-    probes, balancers and scrapers.
+    """401 without a valid key and 429 over the key's limits, for every path under /v1/ and GUARDED_PATHS; the
+    key's limits go on the request's record, to be charged with the tokens used. Health, readiness and metrics stay
+    open for probes, balancers and scrapers.
 
     A plain ASGI middleware: a FastAPI dependency on each route cost more than the rest of the check.
     """
@@ -143,14 +145,18 @@ class ApiKeyMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and (keys := scope["app"].state.keys):
+        if scope["type"] == "http" and _guarded(scope["path"]) and (keys := scope["app"].state.keys):
             try:
                 record = current_request()
                 key = _admit(keys, dict(scope["headers"]))
                 record.limits, record.owner = key.limits, key.owner
             except APIError as error:
-                return await error.response()(scope, receive, send)
+                return await error(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _guarded(path: str) -> bool:
+    return path.startswith("/v1/") or path in GUARDED_PATHS
 
 
 def _admit(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:

@@ -27,9 +27,10 @@ class HeadRefused(Exception):
     """Raised in a parser callback to stop parsing a head that breaks a limit (its answer is in `refusal`)."""
 
 
-def raw_error_response(error: APIError) -> bytes:
-    """An OpenAI-shaped error written straight to the socket, for answers given before any request exists."""
-    body = json.dumps(error.body()).encode()
+def raw_error_response(error: APIError, path: str) -> bytes:
+    """An error written straight to the socket, for answers given before any request exists (in the shape of the
+    route at `path`, as far as the request line was read)."""
+    body = json.dumps(error.body(path)).encode()
     head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
     return STATUS_LINE[error.status_code] + head + body
 
@@ -97,9 +98,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         # The body, if any, must keep coming: no pause longer than the body timeout.
         self._expect_data(self.settings.body_timeout)
-        # Beyond the connection limit a request is answered 503 (OpenAI's shape) and its connection closed.
+        # Beyond the connection limit a request is answered 503 (in its route's error shape) and its connection closed.
         over_limit = len(self.connections) > self.settings.max_connections
-        self.app = self.over_capacity.response() if over_limit else self.config.loaded_app
+        self.app = self.over_capacity if over_limit else self.config.loaded_app
         if over_limit:
             log.warning("refused a request at the HTTP front: %d connections are open", len(self.connections))
         super().on_headers_complete()
@@ -161,5 +162,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         log.warning("refused a request at the HTTP front: %s", message)
         if self.cycle is None or self.cycle.response_complete:
             code = "request_header_fields_too_large" if status == 431 else "request_timeout"
-            self.transport.write(raw_error_response(APIError(status, message, code=code)))
+            # The request line's target as uvicorn has buffered it (set once a request begins).
+            path = getattr(self, "url", b"").partition(b"?")[0].decode("latin-1")
+            self.transport.write(raw_error_response(APIError(status, message, code=code), path))
         self.transport.close()

@@ -163,14 +163,18 @@ class ManagedModel:
 
     async def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-        template_args: dict[str, Any] | None = None,
+        template_args: dict[str, Any] | None = None, add_generation_prompt: bool = True,
     ) -> Prompt:  # fmt: skip
         await self.ensure_loaded()
-        return await self._engine.render_chat(messages, tools, template_args)
+        return await self._engine.render_chat(messages, tools, template_args, add_generation_prompt)
 
-    async def encode_prompt(self, prompt: str | list[int]) -> Prompt:
+    async def encode_prompt(self, prompt: str | list[int], add_special: bool = True) -> Prompt:
         await self.ensure_loaded()
-        return await self._engine.encode_prompt(prompt)
+        return await self._engine.encode_prompt(prompt, add_special)
+
+    async def decode(self, sequences: list[list[int]]) -> list[str]:
+        await self.ensure_loaded()
+        return await self._engine.decode(sequences)
 
     def prompt_work(self) -> int:
         return self._engine.prompt_work()

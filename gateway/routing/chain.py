@@ -39,7 +39,7 @@ class FrontEnd(Protocol):
     """A protocol served through the internal one (Chat Completions, `ChatCompletionRequest`): its requests
     translated down before routing, the chain's answers translated back."""
 
-    def internal(self, body: ModelRequest) -> ModelRequest:
+    async def internal(self, body: ModelRequest) -> ModelRequest:
         """The internal request for `body` (made with `translated`, so it keeps `body` as its origin)."""
 
     def answer(self, body: ModelRequest, outcome: Outcome, events: AsyncIterator[str] | None,
@@ -64,7 +64,7 @@ async def dispatch(request: Request, request_type: type[ModelRequest], front: Fr
             seconds = request_timeout(body.timeout, state.settings)
             alarm.reset(started + seconds)
         deadline = Deadline(started + seconds, seconds)
-        served = body if front is None else front.internal(body)
+        served = body if front is None else await front.internal(body)
         route = state.router.resolve(served.model)
         record.model = served.model  # once known: metrics take no label values from unknown names
         if record.limits is not None:  # 429 unless the key's tokens per minute leave room; settled as it ends

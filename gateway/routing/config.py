@@ -1,5 +1,5 @@
-"""The routing config: targets (local engines, remote OpenAI-compatible providers), the public model
-names mapped to ordered fallback chains, retry and cooldown policy, and client API keys.
+"""The routing config: targets (local engines, remote providers speaking OpenAI's or Anthropic's API), the public
+model names mapped to ordered fallback chains, retry and cooldown policy, and client API keys.
 
 It comes from the YAML file named by LLM_CONFIG, or, for the simple case, from LLM_* variables alone
 (one local model, optionally one remote fallback). Secrets are never in the file: it names env vars.
@@ -38,9 +38,8 @@ class LocalTargetConfig(Strict):
 
 
 class RemoteTargetConfig(Strict):
-    """An OpenAI-compatible HTTP endpoint: OpenAI, Together, Cerebras, vLLM, llama-server, a gateway."""
+    """A provider's HTTP API: what every kind of remote target is configured with."""
 
-    type: Literal["openai"]
     base_url: str
     model: str  # the name the provider expects
     api_key_env: str | None = None
@@ -71,6 +70,21 @@ class RemoteTargetConfig(Strict):
         return _one_line(f"environment variable {self.api_key_env}", key)
 
 
+class OpenAITargetConfig(RemoteTargetConfig):
+    """An OpenAI-compatible HTTP endpoint: OpenAI, Together, Cerebras, vLLM, llama-server, a gateway."""
+
+    type: Literal["openai"]
+    # Whether the provider serves /responses: then a Responses request goes to it as the client sent it.
+    responses_api: bool = False
+
+
+class AnthropicTargetConfig(RemoteTargetConfig):
+    """Anthropic's Messages API (or one that speaks it): `base_url` is the API's root, as ANTHROPIC_BASE_URL."""
+
+    type: Literal["anthropic"]
+    base_url: str = "https://api.anthropic.com"
+
+
 def _one_line(what: str, text: str) -> str:
     """What goes into a request's head: a line break would end the header early (or forge another)."""
     if "\r" in text or "\n" in text:
@@ -78,7 +92,7 @@ def _one_line(what: str, text: str) -> str:
     return text
 
 
-TargetConfig = Annotated[LocalTargetConfig | RemoteTargetConfig, Field(discriminator="type")]
+TargetConfig = Annotated[LocalTargetConfig | OpenAITargetConfig | AnthropicTargetConfig, Field(discriminator="type")]
 
 
 class PublicModel(Strict):

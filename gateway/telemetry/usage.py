@@ -14,13 +14,24 @@ from pydantic_core import from_json
 from gateway.telemetry import metrics
 from gateway.telemetry.requests import RequestRecord
 
+# The events that end a Messages or a Responses stream (an OpenAI chat stream ends with `[DONE]`).
+END_EVENTS = frozenset({"message_stop", "response.completed", "response.incomplete", "response.failed"})
+
 
 def record_usage(record: RequestRecord, usage: dict) -> None:
-    """A provider's `usage` object as the record's token counts."""
-    record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    record.completion_tokens = int(usage.get("completion_tokens") or 0)
-    details = usage.get("prompt_tokens_details")
-    record.cached_tokens = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    """A provider's `usage` object as the record's token counts: in Chat Completions' names, or the Responses and
+    Messages APIs' (input and output tokens; Anthropic counts the tokens read from and written to its cache apart)."""
+    record.prompt_tokens = _tokens(usage, "prompt_tokens", "input_tokens", "cache_read_input_tokens",
+                                   "cache_creation_input_tokens")  # fmt: skip
+    record.completion_tokens = _tokens(usage, "completion_tokens", "output_tokens")
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    record.cached_tokens = cached + _tokens(usage, "cache_read_input_tokens")
+
+
+def _tokens(usage: dict, *names: str) -> int:
+    """The sum of the counts under `names` (a provider uses one name of each kind; absent ones count 0)."""
+    return sum(int(usage.get(name) or 0) for name in names)
 
 
 def record_body_usage(record: RequestRecord, body: bytes) -> None:
@@ -33,7 +44,8 @@ def record_body_usage(record: RequestRecord, body: bytes) -> None:
 class StreamTally:
     """Counts a remote stream chunk by chunk. The gateway always asks the provider for usage; the chunk
     carrying it is hidden from a client that did not ask for it itself. Without usage from the provider,
-    each content delta counts as one completion token."""
+    each content delta counts as one completion token. A Messages or Responses stream (relayed as the provider sent
+    it) is counted from its typed events, all of which pass."""
 
     def __init__(self, record: RequestRecord, client_wants_usage: bool):
         self.record, self.client_wants_usage = record, client_wants_usage
@@ -48,16 +60,31 @@ class StreamTally:
             chunk = from_json(data)
         if not isinstance(chunk, dict):
             return True  # not a chunk the gateway understands: the client gets it as the provider sent it
+        if "type" in chunk:
+            self._typed_event(chunk)
+            return True
         choices = chunk.get("choices") or []
-        outputs = sum(1 for choice in choices if _has_output(choice))
-        if outputs and self.record.first_token_at is None:
-            self.record.first_token_at = time.perf_counter()
-            metrics.observe_first_token(self.record)
-        self.deltas += outputs
+        self._outputs(sum(1 for choice in choices if _has_output(choice)))
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
         return self.client_wants_usage or bool(choices) or not usage
+
+    def _typed_event(self, event: dict) -> None:
+        """A Messages or Responses event: output in its deltas; usage in message_start (input) and message_delta
+        (output), or in the response of a Responses stream's last event."""
+        kind = event["type"]
+        self._outputs(int(kind == "content_block_delta" or (isinstance(kind, str) and kind.endswith(".delta"))))
+        holder = event.get("message") or event.get("response")
+        usage = event.get("usage") or (holder.get("usage") if isinstance(holder, dict) else None)
+        if isinstance(usage, dict):
+            self.usage = {**(self.usage or {}), **usage}
+
+    def _outputs(self, count: int) -> None:
+        if count and self.record.first_token_at is None:
+            self.record.first_token_at = time.perf_counter()
+            metrics.observe_first_token(self.record)
+        self.deltas += count
 
     def settle(self) -> None:
         """Put the stream's tokens on the record, once it ended (or was cut). Cut before the provider finished

@@ -20,7 +20,11 @@ from tests.conftest import MODEL, start_server
 EXAMPLES = 25  # per operation and generation mode
 MAX_TOKENS = 4  # the most tokens a generated request may ask for
 MIN_TIMEOUT = 60  # the shortest `timeout` (seconds) a generated request may give itself
-GENERATING = ("/v1/chat/completions", "/v1/completions")
+# The routes that generate, and the fields that bound how much.
+GENERATING = {
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"), "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",), "/v1/messages": ("max_tokens",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +44,9 @@ def aim_and_bound(case, mode: GenerationMode) -> None:
         case.body["model"] = MODEL
     if type(case.body.get("timeout")) in (int, float) and 0 < case.body["timeout"] < MIN_TIMEOUT:
         case.body["timeout"] = MIN_TIMEOUT
-    if case.operation.path not in GENERATING:
-        return
-    limits = ("max_tokens", "max_completion_tokens")
-    if all(case.body.get(field) is None for field in limits):  # unbounded: it would run to the end of the context
-        case.body["max_tokens"] = MAX_TOKENS
+    limits = GENERATING.get(case.operation.path, ())
+    if limits and all(case.body.get(field) is None for field in limits):  # unbounded: to the end of the context
+        case.body[limits[0]] = MAX_TOKENS
     for field in limits:
         if type(case.body.get(field)) is int:
             case.body[field] = min(case.body[field], MAX_TOKENS)
