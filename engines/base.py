@@ -56,6 +56,18 @@ class UnsupportedFeature(EngineError):
     code = "unsupported_parameter"
 
 
+class ChatTemplateRefused(EngineError):
+    """The model's chat template cannot render these messages (its `raise_exception`, or data it cannot read): the
+    request's fault, a 400 naming `messages` on every engine."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    @classmethod
+    def because(cls, error: Exception) -> ChatTemplateRefused:
+        return cls(f"The model's chat template cannot render these messages: {str(error)[:300]}", param="messages")
+
+
 @dataclass
 class EngineConfig:
     """What one engine instance loads and how; engine-specific knobs go in `options`."""

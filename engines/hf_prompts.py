@@ -13,11 +13,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from engines.base import ContextLengthExceeded, Prompt, UnsupportedFeature, too_long_to_tokenize
+from engines.base import ChatTemplateRefused, ContextLengthExceeded, Prompt, UnsupportedFeature, too_long_to_tokenize
 from engines.text import INLINE_TOKENIZE_CHARS
-
-# How much of a template's own error message a 400 quotes.
-TEMPLATE_ERROR_CHARS = 300
 
 
 def longest_piece(tokenizer) -> int | None:
@@ -75,9 +72,7 @@ class HFPrompts:
             )
         except (TemplateError, TypeError) as exc:  # the template refused these messages (raise_exception) or
             # could not read them (a None content added to a string): the request's fault, not the server's
-            detail = str(exc)[:TEMPLATE_ERROR_CHARS]
-            raise UnsupportedFeature(f"the model's chat template cannot render these messages: {detail}",
-                                     param="messages") from None  # fmt: skip
+            raise ChatTemplateRefused.because(exc) from None
         tokens = self._encode(text, add_special=False, window=self.context_length(), param="messages")
         return Prompt(text=text, token_ids=tokens)
 

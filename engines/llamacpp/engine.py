@@ -14,11 +14,11 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from engines.base import (
+    ChatTemplateRefused,
     ContextLengthExceeded,
     Delta,
     Embeddings,
     EngineConfig,
-    EngineError,
     Prompt,
     SamplingParams,
     UnsupportedFeature,
@@ -41,13 +41,6 @@ from engines.worker_thread import deltas
 log = logging.getLogger(__name__)
 MAX_EMBEDDING_TOKENS = 512
 CPU_GATHER_S = 0.003  # how long a request reaching an idle CPU engine waits for the rest of its burst
-
-
-class ChatTemplateRefused(EngineError):
-    """The model's chat template cannot render these messages (its `raise_exception`, or data it cannot handle)."""
-
-    status_code = 400
-    error_type = "invalid_request_error"
 
 
 class LlamaCppEngine(BaseEngine[Scheduler]):
@@ -211,9 +204,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         try:
             text = formatter(messages=messages, tools=tools, **template_args).prompt
         except (jinja2.TemplateError, ValueError, TypeError) as exc:  # ValueError: the template's raise_exception
-            raise ChatTemplateRefused(
-                f"The model's chat template cannot render these messages: {str(exc)[:300]}", param="messages"
-            ) from exc
+            raise ChatTemplateRefused.because(exc) from exc
         window = self.context_length()
         tokens = self._encode(text, add_special=False, parse_special=True, window=window, param="messages")
         return Prompt(text=text, token_ids=tokens)

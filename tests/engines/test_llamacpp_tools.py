@@ -296,7 +296,7 @@ def test_render_chat_passes_tools_tool_calls_and_template_args(tool_template):
 
 
 def test_a_template_that_refuses_the_messages_is_a_400(tool_template):
-    from engines.llamacpp.engine import ChatTemplateRefused
+    from engines.base import ChatTemplateRefused
 
     late_system = [*CONVERSATION, {"role": "system", "content": "late"}]
     with pytest.raises(ChatTemplateRefused, match="the system message must come first") as refused:
@@ -307,7 +307,7 @@ def test_a_template_that_refuses_the_messages_is_a_400(tool_template):
 def test_a_template_without_tool_support_cannot_render_a_call_is_a_400(llama):
     """SmolLM2's template concatenates every message's content: an assistant call without content is a TypeError
     inside the template, which must reach the client as its mistake, not as a server error."""
-    from engines.llamacpp.engine import ChatTemplateRefused
+    from engines.base import ChatTemplateRefused
 
     with pytest.raises(ChatTemplateRefused) as refused:
         llama.prompt(CONVERSATION[:1] + CONVERSATION[2:])
