@@ -337,6 +337,8 @@ class _CompactConverter(SchemaConverter):
         return super().visit(schema, name)
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        if rule is PRIMITIVE_RULES["char"]:  # a string with a length bound asks for the library's own char again
+            return "char"
         kind = _FREE_FORM.get(id(rule))
         if kind is None:
             return super()._add_primitive(name, rule)
@@ -498,7 +500,13 @@ def build_sampling(vocab: Vocab, params: SamplingParams, grammar: str | None) ->
         return SlotSampling(
             bias_ids=np.array(ids, dtype=np.int32), bias_values=np.array([biases[t] for t in ids], dtype=np.float32)
         )
-    return SlotSampling(chain=native_sampler(vocab, params, grammar))
+    sampling = SlotSampling(grammar=grammar_sampler(vocab, grammar) if grammar is not None else None)
+    try:
+        sampling.chain = native_sampler(vocab, params)
+    except ValueError:
+        sampling.free()
+        raise
+    return sampling
 
 
 def _biases(vocab: Vocab, params: SamplingParams) -> dict[int, float]:
@@ -512,8 +520,15 @@ def _penalized(params: SamplingParams) -> bool:
     return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
 
 
-def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
-    """llama.cpp's sampler chain, in the order llama-server uses."""
+def grammar_sampler(vocab: Vocab, grammar: str):
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root")
+    if not sampler:
+        raise ValueError("llama.cpp refused the grammar")
+    return sampler
+
+
+def native_sampler(vocab: Vocab, params: SamplingParams):
+    """llama.cpp's sampler chain, in the order llama-server uses; a grammar is checked apart (`grammar_sampler`)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
     def add(sampler) -> None:
@@ -534,8 +549,6 @@ def native_sampler(vocab: Vocab, params: SamplingParams, grammar: str | None):
                 vocab.size, PENALTY_WINDOW, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
             )
         )
-    if grammar is not None:
-        add(llama_cpp.llama_sampler_init_grammar(vocab.ptr, grammar.encode(), b"root"))
     if params.temperature == 0:
         add(llama_cpp.llama_sampler_init_greedy())
         return chain

@@ -8,6 +8,9 @@
  * sampled token goes into a ring of (tag, token, finish) entries that the event loop drains, woken through an
  * eventfd: the loop turns tokens into text, the engine's thread only decodes and samples.
  */
+#include <math.h>
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -27,11 +30,28 @@ typedef int32_t (*decode_fn)(void *ctx, llama_batch batch);
 typedef float *(*logits_fn)(void *ctx);
 typedef int32_t (*sample_fn)(void *chain, void *ctx, int32_t index);
 
+/* llama_token_data and llama_token_data_array, as in llama.h. */
+typedef struct {
+    int32_t id;
+    float logit;
+    float p;
+} token_data;
+
+typedef struct {
+    token_data *data;
+    size_t size;
+    int64_t selected;
+    bool sorted;
+} token_data_array;
+
+typedef void (*apply_fn)(void *sampler, token_data_array *candidates);
+typedef void (*accept_fn)(void *sampler, int32_t token);
+
 /* Per-slot int32 columns. WATCH: once LEFT is at most this, Python looks at the sequence before its next step
  * (a constrained JSON answer's token budget, engines/json_budget.py); -1 for none. */
 enum { TAG, POS, COUNT, LEFT, FLAGS, FINISHED, BIAS_COUNT, WATCH, COLUMNS };
 /* Per-slot pointer columns. */
-enum { CHAIN, BIAS_IDS, BIAS_VALUES, HISTORY, POINTERS };
+enum { CHAIN, BIAS_IDS, BIAS_VALUES, HISTORY, GRAMMAR, POINTERS };
 /* FLAGS bits. */
 enum { DECODING = 1, STOP_AT_EOG = 2, EMIT = 4 };
 /* FINISHED and a ring entry's finish. */
@@ -55,6 +75,9 @@ typedef struct {
     int64_t *counters;      /* written (by this thread), read (by the event loop), interrupt (by the loop) */
     int32_t notify_fd;
     double max_run_s;       /* gw_run returns after this long, so the scheduler can tell a step from a hang */
+    apply_fn apply;         /* llama_sampler_apply */
+    accept_fn accept;       /* llama_sampler_accept */
+    token_data *candidates; /* n_vocab entries: a constrained slot's candidates, refilled for each token */
 } gw_state;
 
 enum { WRITTEN, READ, INTERRUPT };
@@ -124,6 +147,33 @@ static void push(gw_state *s, int32_t tag, int32_t token, int32_t finish) {
     __atomic_store_n(&s->counters[WRITTEN], written + 1, __ATOMIC_RELEASE);
 }
 
+static token_data_array all_candidates(gw_state *s, const float *row) {
+    for (int32_t id = 0; id < s->n_vocab; id++)
+        s->candidates[id] = (token_data){id, row[id], 0.0f};
+    return (token_data_array){s->candidates, (size_t)s->n_vocab, -1, false};
+}
+
+/* A grammar-constrained slot's token, chosen as llama-server chooses it: the chain samples from every logit, and
+ * only if the grammar refuses that token is the grammar applied to the whole vocabulary and the chain run again.
+ * Checking one token is cheap; the grammar over 49k candidates took milliseconds a token (docs/design/c-steps.md). */
+static int32_t sample_constrained(gw_state *s, void **pointer, const float *row) {
+    token_data_array candidates = all_candidates(s, row);
+    s->apply(pointer[CHAIN], &candidates);
+    int32_t token = candidates.data[candidates.selected].id;
+    token_data one = {token, 1.0f, 0.0f};
+    token_data_array single = {&one, 1, -1, false};
+    s->apply(pointer[GRAMMAR], &single);
+    if (isinf(one.logit) && one.logit < 0) {
+        candidates = all_candidates(s, row);
+        s->apply(pointer[GRAMMAR], &candidates);
+        s->apply(pointer[CHAIN], &candidates);
+        token = candidates.data[candidates.selected].id;
+    }
+    s->accept(pointer[GRAMMAR], token);
+    s->accept(pointer[CHAIN], token);
+    return token;
+}
+
 /* After a decode: samples every output of the batch, records it in its slot and, for slots that EMIT, in the
  * ring. Returns how many sequences need Python: those that finished, and those at their WATCH. */
 int32_t gw_sample_outputs(gw_state *s) {
@@ -136,10 +186,11 @@ int32_t gw_sample_outputs(gw_state *s) {
         int32_t slot = batch->seq_id[i][0];
         int32_t *column = &s->slots[slot * COLUMNS];
         void **pointer = &s->pointers[slot * POINTERS];
-        int32_t token = pointer[CHAIN]
-            ? s->sample(pointer[CHAIN], s->ctx, i)
-            : greedy(logits + (int64_t)row * s->n_vocab, s->n_vocab, pointer[BIAS_IDS], pointer[BIAS_VALUES],
-                     column[BIAS_COUNT]);
+        float *logits_row = logits + (int64_t)row * s->n_vocab;
+        int32_t token = pointer[GRAMMAR] ? sample_constrained(s, pointer, logits_row)
+                        : pointer[CHAIN] ? s->sample(pointer[CHAIN], s->ctx, i)
+                                         : greedy(logits_row, s->n_vocab, pointer[BIAS_IDS], pointer[BIAS_VALUES],
+                                                  column[BIAS_COUNT]);
         row++;
         ((int32_t *)pointer[HISTORY])[column[COUNT]++] = token;
         column[LEFT]--;
@@ -158,8 +209,9 @@ int32_t gw_sample_outputs(gw_state *s) {
     return attention;
 }
 
-/* The column count this library was built with: steps.py refuses a library older than its columns. */
-int32_t gw_columns(void) { return COLUMNS; }
+/* The column counts this library was built with (int32 and pointer columns, as COLUMNS * 100 + POINTERS):
+ * steps.py refuses a library older than its columns. */
+int32_t gw_columns(void) { return COLUMNS * 100 + POINTERS; }
 
 /* Python pushes an entry itself where it adds something to the token first (logprobs). */
 void gw_emit(gw_state *s, int32_t tag, int32_t token, int32_t finish) {

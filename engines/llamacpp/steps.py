@@ -20,7 +20,7 @@ import numpy as np
 
 # Per-slot int32 columns, pointer columns, flags, finishes and gw_run's returns: as in steps.c.
 TAG, POS, COUNT, LEFT, FLAGS, FINISHED, BIAS_COUNT, WATCH, COLUMNS = range(9)
-CHAIN, BIAS_IDS, BIAS_VALUES, HISTORY, POINTERS = range(5)
+CHAIN, BIAS_IDS, BIAS_VALUES, HISTORY, GRAMMAR, POINTERS = range(6)
 DECODING, STOP_AT_EOG, EMIT = 1, 2, 4
 NOT_FINISHED, FINISHED_EOG, FINISHED_LENGTH = 0, 1, 2
 NO_WATCH = -1
@@ -51,6 +51,9 @@ class _State(ctypes.Structure):
         ("counters", ctypes.c_void_p),
         ("notify_fd", ctypes.c_int32),
         ("max_run_s", ctypes.c_double),
+        ("apply", ctypes.c_void_p),
+        ("accept", ctypes.c_void_p),
+        ("candidates", ctypes.c_void_p),
     ]
 
 
@@ -75,7 +78,7 @@ def _library() -> ctypes.CDLL:
         if function is None:
             raise stale
         function.argtypes, function.restype = argtypes, restype
-    if library.gw_columns() != COLUMNS:  # a library built for other columns would write past them
+    if library.gw_columns() != COLUMNS * 100 + POINTERS:  # a library built for other columns would write past them
         raise stale
     return library
 
@@ -85,16 +88,19 @@ _lib = _library()
 
 @dataclass
 class SlotSampling:
-    """How one sequence's next token is chosen in C: llama.cpp's sampler chain, or greedy with biases."""
+    """How one sequence's next token is chosen in C: llama.cpp's sampler chain (checked against a grammar sampler,
+    where the output is constrained), or greedy with biases."""
 
     chain: Any = None  # a llama_sampler chain (the binding's pointer)
+    grammar: Any = None  # a llama_sampler of a grammar, kept out of the chain (steps.c: sample_constrained)
     bias_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     bias_values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def free(self) -> None:
-        if self.chain:
-            llama_cpp.llama_sampler_free(self.chain)
-            self.chain = None
+        for sampler in (self.chain, self.grammar):
+            if sampler:
+                llama_cpp.llama_sampler_free(sampler)
+        self.chain = self.grammar = None
 
 
 class Steps:
@@ -116,6 +122,7 @@ class Steps:
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._batch = batch  # kept alive: the state points at it
         self._samplings: list[SlotSampling | None] = [None] * slots  # kept alive: the state points at their arrays
+        self._candidates = np.zeros(n_vocab * 3, np.float32)  # llama_token_data: id, logit, p
         self._state = _State(
             decode=_address(llama_cpp.llama_decode),
             get_logits=_address(llama_cpp.llama_get_logits),
@@ -132,6 +139,9 @@ class Steps:
             counters=self._counters.ctypes.data,
             notify_fd=self.notify_fd,
             max_run_s=MAX_RUN_S,
+            apply=_address(llama_cpp.llama_sampler_apply),
+            accept=_address(llama_cpp.llama_sampler_accept),
+            candidates=self._candidates.ctypes.data,
         )
         self._address = ctypes.addressof(self._state)
 
@@ -149,6 +159,7 @@ class Steps:
         chain = ctypes.cast(sampling.chain, ctypes.c_void_p).value if sampling.chain else 0
         self._pointers[slot, :HISTORY] = (chain, sampling.bias_ids.ctypes.data,
                                           sampling.bias_values.ctypes.data)  # fmt: skip
+        self._pointers[slot, GRAMMAR] = ctypes.cast(sampling.grammar, ctypes.c_void_p).value if sampling.grammar else 0
         self._samplings[slot] = sampling
 
     def vacate(self, slot: int) -> None:

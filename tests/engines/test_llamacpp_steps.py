@@ -32,7 +32,7 @@ def test_greedy_sampling_in_c_picks_what_llama_cpps_chain_picks():
     try:
         for biases in bias_sets:
             sampling = SamplingParams(max_tokens=1, temperature=0, logit_bias=biases)
-            chain, ours = native_sampler(vocab, sampling, None), build_sampling(vocab, sampling, None)
+            chain, ours = native_sampler(vocab, sampling), build_sampling(vocab, sampling, None)
             assert ours.chain is None
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
             prompt = vocab.tokenize([b"Write a story about a cat"], add_special=True, parse_special=False)
