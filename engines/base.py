@@ -152,6 +152,7 @@ class Delta:
     tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last delta
+    stop_sequence: str | None = None  # on the last delta: the stop sequence that ended the output, if one did
     cached_tokens: int = 0  # on a sequence's first delta: prompt tokens served from the engine's KV cache
 
 

@@ -20,18 +20,19 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._held = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit now, whether a stop sequence was hit)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to emit now, the stop sequence hit if one was: the first in the text)."""
         if not self._stops:  # most requests: nothing to look for, once per generated token
-            return text, False
+            return text, None
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(at, stop) for stop in self._stops if (at := buffer.find(stop)) >= 0]
         if hits:
             self._held = ""
-            return buffer[: min(hits)], True
+            at, stop = min(hits)
+            return buffer[:at], stop
         keep = self._longest_stop_prefix_suffix(buffer)
         self._held = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep], False
+        return buffer[: len(buffer) - keep], None
 
     def flush(self) -> str:
         """Release the held-back tail (the sequence ended without completing a stop)."""

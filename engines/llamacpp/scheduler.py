@@ -195,7 +195,7 @@ class Scheduler(WorkerThread):
         cached = sequence.reused if sequence.sent == 0 else 0
         sequence.sent += 1
         sequence.inbox.put_nowait(Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish,
-                                        cached_tokens=cached))  # fmt: skip
+                                        stop_sequence=hit_stop, cached_tokens=cached))  # fmt: skip
         if finish:
             self.forget(sequence)
             if not finish_code:  # a stop sequence: the engine's thread would go on with it

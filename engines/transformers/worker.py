@@ -136,7 +136,7 @@ class Worker(WorkerThread):
         if finish and not hit_stop:
             text += sequence.stops.flush()
         chosen = [self._token_logprob(token, raw, params.logprobs)] if raw is not None else []
-        self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish))
+        self._send(sequence, Delta(text=text, tokens=1, logprobs=chosen, finish_reason=finish, stop_sequence=hit_stop))
         if finish:
             self._running.remove(sequence)
 

@@ -189,6 +189,9 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
                     tokens=len(completion.token_ids),
                     logprobs=self._logprobs(completion, params.logprobs),
                     finish_reason=_finish_reason(completion.finish_reason) if finished else None,
+                    # vLLM names the stop string that ended it (or a stop token's id, which is no stop sequence)
+                    stop_sequence=completion.stop_reason if finished and isinstance(completion.stop_reason, str)
+                    else None,
                     cached_tokens=(output.num_cached_tokens or 0) if first else 0,
                 )
                 first = False

@@ -87,6 +87,7 @@ class _ChatReply(Reply):
                 message=message,
                 logprobs=_logprobs(r.logprobs) if r.logprobs else None,
                 finish_reason=finish_reason,
+                stop_reason=r.stop_sequence,
             )
             for i, r in enumerate(results)
             for message, finish_reason in [self._message(r)]
@@ -119,7 +120,7 @@ class _ChatReply(Reply):
                     [ChatChunkChoice(index=index, delta=ChatDelta(content=delta.text), logprobs=logprobs)]
                 )
             if delta.finish_reason:
-                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=delta.finish_reason)])
+                yield self._finish_chunk(index, delta.finish_reason, delta.stop_sequence)
         if include_usage:
             yield self._chunk([], usage=self.usage(completion))
 
@@ -141,9 +142,13 @@ class _ChatReply(Reply):
             if logprobs is not None:
                 yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=logprobs)])
             if finish_reason:
-                yield self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason)])
+                yield self._finish_chunk(index, finish_reason, delta.stop_sequence)
         if include_usage:
             yield self._chunk([], usage=self.usage(completion))
+
+    def _finish_chunk(self, index: int, finish_reason: str, stop_sequence: str | None) -> str:
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason, stop_reason=stop_sequence)
+        return self._chunk([choice])
 
     def render_text_chunk(self, index: int, text: str) -> str:
         return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])

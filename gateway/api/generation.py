@@ -85,12 +85,14 @@ class ChoiceResult:
     tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
         self.tokens += delta.tokens
         self.logprobs.extend(delta.logprobs)
         self.finish_reason = delta.finish_reason or self.finish_reason
+        self.stop_sequence = delta.stop_sequence or self.stop_sequence
 
 
 async def collect(merged: AsyncIterator[tuple[int, Delta]], count: int) -> list[ChoiceResult]:

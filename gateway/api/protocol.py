@@ -482,6 +482,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None
+    stop_reason: str | None = _absent_if_none()  # vLLM's field: the stop sequence that ended the answer
 
 
 class ChatCompletionResponse(BaseModel):
@@ -521,6 +522,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None = None
+    stop_reason: str | None = _absent_if_none()  # vLLM's field, on the finish chunk: the stop sequence that ended it
 
 
 class ChatCompletionChunk(BaseModel):

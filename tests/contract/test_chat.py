@@ -108,12 +108,13 @@ def test_stop_sequence_cuts_the_output(client):
         if stream:
             chunks = list(client.chat.completions.create(stop=[stop, "never-seen-stop"], stream=True, **kwargs))
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-            assert finish == ["stop"]
+            finish = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert [(f.finish_reason, f.model_extra["stop_reason"]) for f in finish] == [("stop", stop)]
         else:
             reply = client.chat.completions.create(stop=stop, **kwargs)
             text = reply.choices[0].message.content
-            assert reply.choices[0].finish_reason == "stop"
+            # vLLM's `stop_reason` names the stop sequence that ended it
+            assert (reply.choices[0].finish_reason, reply.choices[0].model_extra["stop_reason"]) == ("stop", stop)
         assert text == cut
         assert stop not in text
 

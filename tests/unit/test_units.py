@@ -19,15 +19,15 @@ from gateway.models.registry import ModelNotAvailable, ModelRegistry
 from gateway.settings import PROJECT_ROOT, Settings
 
 
-def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[list[str], bool]:
+def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[list[str], str | None]:
     out = []
     for piece in pieces:
         text, stopped = matcher.feed(piece)
         out.append(text)
         if stopped:
-            return out, True
+            return out, stopped
     out.append(matcher.flush())
-    return out, False
+    return out, None
 
 
 def test_stop_matcher_holds_back_a_possible_stop_prefix():
@@ -39,12 +39,12 @@ def test_stop_matcher_holds_back_a_possible_stop_prefix():
 def test_stop_matcher_cuts_across_pieces():
     emitted, stopped = feed_all(StopMatcher(["END", "STOP"]), ["abc E", "N", "D tail"])
     assert "".join(emitted) == "abc "
-    assert stopped
+    assert stopped == "END"
 
 
 def test_stop_matcher_picks_the_earliest_stop():
     text, stopped = StopMatcher(["b", "a"]).feed("xxabxx")
-    assert (text, stopped) == ("xx", True)
+    assert (text, stopped) == ("xx", "a")
 
 
 def test_batch_puts_decoding_sequences_in_slot_order_then_prompts_in_arrival_order():
@@ -60,7 +60,7 @@ def test_batch_puts_decoding_sequences_in_slot_order_then_prompts_in_arrival_ord
 
 
 def test_stop_matcher_without_stops_passes_everything():
-    assert StopMatcher([]).feed("anything ###") == ("anything ###", False)
+    assert StopMatcher([]).feed("anything ###") == ("anything ###", None)
 
 
 @pytest.mark.parametrize(
