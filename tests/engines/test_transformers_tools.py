@@ -12,7 +12,7 @@ import re
 import jsonschema
 import pytest
 
-from engines.base import EngineConfig, SamplingParams, ToolCallConstraint, UnsupportedFeature
+from engines.base import ChatTemplateRefused, EngineConfig, SamplingParams, ToolCallConstraint, UnsupportedFeature
 from tests.conftest import ENGINES, require
 from tests.engines.test_hf_engines import base_model_copy
 
@@ -235,7 +235,7 @@ def test_render_chat_passes_tools_tool_calls_and_template_args(loop, engine):
 
 
 def test_a_template_error_is_a_400_naming_messages(loop, engine):
-    with pytest.raises(UnsupportedFeature, match="Unexpected role narrator") as raised:
+    with pytest.raises(ChatTemplateRefused, match="Unexpected role narrator") as raised:
         loop.run_until_complete(engine.render_chat([{"role": "narrator", "content": "Once"}, QUESTION]))
     assert (raised.value.status_code, raised.value.param) == (400, "messages")
     with pytest.raises(UnsupportedFeature) as raised:
