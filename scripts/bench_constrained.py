@@ -83,8 +83,8 @@ def request_body(server: str, workload: str, number: int, args) -> dict:
 
 def measure(services: list[Service], args) -> dict:
     raw: dict = {s.name: {w: [] for w in WORKLOADS} for s in services}
-    for service in services:  # warm-up
-        run_streams(service, [{**request_body(service.name, w, 0, args), "max_tokens": 8} for w in WORKLOADS])
+    for service in services:  # warm-up (whole answers: a call cut short streams nothing)
+        run_streams(service, [request_body(service.name, w, 0, args) for w in WORKLOADS])
     runs = [(s, w) for s in services for w in WORKLOADS]
     for rep in range(args.reps):
         for service, workload in runs[rep % len(runs) :] + runs[: rep % len(runs)]:

@@ -89,7 +89,10 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> St
 
 
 def _text(choice: dict) -> str | None:
-    return choice.get("text") or (choice.get("delta") or {}).get("content")
+    """What a chunk generated: text, or a tool call's name or arguments."""
+    delta = choice.get("delta") or {}
+    calls = [call.get("function") or {} for call in delta.get("tool_calls") or []]
+    return choice.get("text") or delta.get("content") or "".join(f.get("name", "") + f.get("arguments", "") for f in calls)
 
 
 def client_streams(base_url: str, bodies: list[dict], start_at: float) -> list[Stream]:
