@@ -153,18 +153,41 @@ static token_data_array all_candidates(gw_state *s, const float *row) {
     return (token_data_array){s->candidates, (size_t)s->n_vocab, -1, false};
 }
 
-/* A grammar-constrained slot's token, chosen as llama-server chooses it: the chain samples from every logit, and
- * only if the grammar refuses that token is the grammar applied to the whole vocabulary and the chain run again.
- * Checking one token is cheap; the grammar over 49k candidates took milliseconds a token (docs/design/c-steps.md). */
-static int32_t sample_constrained(gw_state *s, void **pointer, const float *row) {
-    token_data_array candidates = all_candidates(s, row);
-    s->apply(pointer[CHAIN], &candidates);
-    int32_t token = candidates.data[candidates.selected].id;
+/* Draws after a refused one before the grammar pass over the whole vocabulary (docs/design/c-steps.md). */
+enum { MAX_REDRAWS = 8 };
+
+static bool refused(gw_state *s, void **pointer, int32_t token) {
     token_data one = {token, 1.0f, 0.0f};
     token_data_array single = {&one, 1, -1, false};
     s->apply(pointer[GRAMMAR], &single);
-    if (isinf(one.logit) && one.logit < 0) {
-        candidates = all_candidates(s, row);
+    return isinf(one.logit) && one.logit < 0;
+}
+
+/* The chain's draw from every logit but those of `excluded` tokens. */
+static int32_t draw(gw_state *s, void **pointer, const float *row, const int32_t *excluded, int32_t n_excluded) {
+    token_data_array candidates = all_candidates(s, row);
+    for (int32_t k = 0; k < n_excluded; k++)
+        candidates.data[excluded[k]].logit = -INFINITY;
+    s->apply(pointer[CHAIN], &candidates);
+    return candidates.data[candidates.selected].id;
+}
+
+/* A grammar-constrained slot's token. The chain draws from every logit and the grammar checks that one token, as
+ * llama-server does; a refused token is excluded and the chain draws again, up to MAX_REDRAWS times (each a
+ * tenth of a millisecond), and only then is the grammar applied to the whole vocabulary (milliseconds) and the
+ * chain run on what it allows. Drawing again without the refused tokens samples from the allowed ones in the
+ * proportions the chain gives them. */
+static int32_t sample_constrained(gw_state *s, void **pointer, const float *row) {
+    int32_t excluded[MAX_REDRAWS];
+    int32_t token = draw(s, pointer, row, excluded, 0), n_excluded = 0;
+    bool allowed = !refused(s, pointer, token);
+    while (!allowed && n_excluded < MAX_REDRAWS) {
+        excluded[n_excluded++] = token;
+        token = draw(s, pointer, row, excluded, n_excluded);
+        allowed = !refused(s, pointer, token);
+    }
+    if (!allowed) {
+        token_data_array candidates = all_candidates(s, row);
         s->apply(pointer[GRAMMAR], &candidates);
         s->apply(pointer[CHAIN], &candidates);
         token = candidates.data[candidates.selected].id;
