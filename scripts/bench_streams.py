@@ -94,7 +94,8 @@ def _text(choice: dict) -> str | None:
     """What a chunk generated: text, or a tool call's name or arguments."""
     delta = choice.get("delta") or {}
     calls = [call.get("function") or {} for call in delta.get("tool_calls") or []]
-    return choice.get("text") or delta.get("content") or "".join(f.get("name", "") + f.get("arguments", "") for f in calls)
+    called = "".join(f.get("name", "") + f.get("arguments", "") for f in calls)
+    return choice.get("text") or delta.get("content") or called
 
 
 def client_streams(base_url: str, bodies: list[dict], start_at: float) -> list[Stream]:
