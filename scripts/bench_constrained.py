@@ -23,7 +23,6 @@ from bench_llamacpp import SAMPLING, llama_server  # noqa: E402
 from bench_streams import ALIAS, chat_prompt, run_streams  # noqa: E402
 
 from engines.base import ToolCallConstraint  # noqa: E402
-from engines.llamacpp.native import json_grammar, tool_call_grammar  # noqa: E402
 
 ITEMS = {
     "type": "object",
@@ -73,6 +72,8 @@ def request_body(server: str, workload: str, number: int, args) -> dict:
     if workload == "free":
         body["ignore_eos"] = True
     elif server == "llama-server":  # the same grammar the gateway's llama.cpp engine enforces
+        from engines.llamacpp.native import json_grammar, tool_call_grammar  # llama.cpp only where it is a peer
+
         body["grammar"] = json_grammar(SCHEMA) if workload == "json_schema" else tool_call_grammar(CALL)
     elif workload == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "inventory", "schema": SCHEMA}}
