@@ -162,6 +162,15 @@ class Embeddings:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class Scores:
+    """A reranker's answer: each document's relevance to the query, in the documents' order, as a probability
+    (the sigmoid of a one-label cross-encoder's logit, as vLLM and sentence-transformers report it)."""
+
+    scores: list[float]
+    prompt_tokens: int
+
+
 @dataclass
 class EngineInfo:
     engine: str
@@ -222,6 +231,20 @@ class Engine(Protocol):
         ...
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings: ...
+
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        """Score each (query, document) pair with a reranker (a model loaded with `options.task: rerank`); a 400
+        naming `model` from a model of another kind, and `documents` for a pair longer than its window."""
+        ...
+
+    async def offload(self) -> bool:
+        """Move the loaded weights from the accelerator to host RAM, keeping them for a fast `restore`: True once
+        done, False where this engine or device cannot (then the model is unloaded instead)."""
+        ...
+
+    async def restore(self) -> None:
+        """Move offloaded weights back onto the accelerator."""
+        ...
 
     def prompt_work(self) -> int:
         """Blocking work on the model (rendering, tokenizing) still running on threads, also for requests already

@@ -14,9 +14,42 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Generic, TypeVar
 
-from engines.base import EngineConfig, EngineInfo, EngineNotReady
+from engines.base import ContextLengthExceeded, EngineConfig, EngineInfo, EngineNotReady, Scores, UnsupportedFeature
 
 Runner = TypeVar("Runner")  # what serves an engine's requests: a scheduler, a worker, an AsyncLLM
+
+# What a model loaded with each `options.task` serves ("generate", a chat model, where it names none): it refuses
+# the other endpoints, except that a chat model may also embed.
+TASKS = {
+    "generate": ("a chat model", "/v1/chat/completions"),
+    "embed": ("an embedding model", "/v1/embeddings"),
+    "rerank": ("a reranker", "/v1/rerank"),
+}
+
+
+def model_task(config: EngineConfig) -> str:
+    """The target's `options.task`; a configuration mistake stops start-up."""
+    task = config.options.get("task") or "generate"
+    if task not in TASKS:
+        raise ValueError(f"options.task {task!r} is not a task the engines know (embed, rerank, or none for chat)")
+    return task
+
+
+def require_task(config: EngineConfig, task: str, asked: str, chat_embeds: bool = True) -> None:
+    """Refuses, 400 naming `model`, a request for `asked` to a model loaded for `task` (a chat model also embeds
+    where the engine can)."""
+    if asked != task and not (chat_embeds and asked == "embed" and task == "generate"):
+        kind, endpoint = TASKS[task]
+        raise UnsupportedFeature(f"model {config.served_name!r} is {kind}; use {endpoint}", param="model")
+
+
+def pair_too_long(window: int, index: int, tokens: int) -> ContextLengthExceeded:
+    """For a (query, document) pair longer than a reranker's window: refused as vLLM's /rerank refuses it (it
+    truncates only when a request asks)."""
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {window} tokens. However, the query with document {index} takes "
+        f"{tokens} tokens. Please reduce the length of the documents or the query.", param="documents",
+    )  # fmt: skip
 
 
 class BaseEngine(ABC, Generic[Runner]):
@@ -65,6 +98,14 @@ class BaseEngine(ABC, Generic[Runner]):
             await asyncio.to_thread(self._prompt_threads.shutdown, wait=True)
             self._prompt_threads = None
 
+    async def offload(self) -> bool:
+        """Keeping the weights in host RAM for a fast `restore`: not by default (the model is unloaded instead)."""
+        return False
+
+    async def restore(self) -> None:
+        """Only called after an `offload` that returned True, by an engine that overrides both."""
+        raise NotImplementedError(f"the {self.name} engine cannot restore offloaded weights")
+
     @abstractmethod
     def _load_blocking(self) -> None:
         """Load the model; runs on a thread, as it blocks for seconds or minutes."""
@@ -83,6 +124,14 @@ class BaseEngine(ABC, Generic[Runner]):
         if self._state != "ready" or runner is None:
             raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
         return runner
+
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        """Only a reranker (a model loaded with `options.task: rerank`) scores pairs: the engines that load rerankers
+        override this, and call it for their other models."""
+        raise UnsupportedFeature(
+            f"model {self.config.served_name!r} is not a reranker; /v1/rerank needs a model served with "
+            "`options: {task: rerank}`", param="model",
+        )  # fmt: skip
 
     def info(self) -> EngineInfo:
         running, waiting = self._queue_lengths()

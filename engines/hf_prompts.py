@@ -14,6 +14,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from engines.base import ChatTemplateRefused, ContextLengthExceeded, Prompt, UnsupportedFeature, too_long_to_tokenize
+from engines.common import pair_too_long
 from engines.text import INLINE_TOKENIZE_CHARS
 
 
@@ -34,6 +35,17 @@ def longest_piece(tokenizer) -> int | None:
     ):  # fmt: skip
         return None
     return max([max(map(len, tokenizer.get_vocab())), *(len(t.content.encode()) for t in added)])
+
+
+def require_reranker(model: str, config) -> None:
+    """A reranker is a cross-encoder: a sequence classifier with one label, whose logit (through a sigmoid) is the
+    relevance. Refused at load otherwise: loaded as a classifier, another model would score with an untrained head."""
+    architectures = config.architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures) or config.num_labels != 1:
+        raise ValueError(
+            f"{model} is not a reranker: `task: rerank` needs a one-label sequence classifier (a cross-encoder), and "
+            f"this is {'/'.join(architectures) or 'a model of unknown architecture'} with {config.num_labels} labels"
+        )
 
 
 @functools.cache
@@ -132,3 +144,18 @@ class HFPrompts:
                 )
             token_lists.append(tokens)
         return token_lists
+
+    async def _rerank_inputs(self, query: str, documents: list[str]) -> list[dict[str, list[int]]]:
+        """Each (query, document) pair as the tokenizer's pair encoding (`input_ids`, and `token_type_ids` where the
+        model reads segments), on a prompt thread; a pair longer than the window is refused (`pair_too_long`)."""
+        return await self._off_loop(self._encode_pairs, query, documents, self.context_length())
+
+    def _encode_pairs(self, query: str, documents: list[str], window: int) -> list[dict[str, list[int]]]:
+        if not documents:
+            return []
+        encoded = self._tokenizer([query] * len(documents), documents, return_attention_mask=False, verbose=False)
+        pairs = [dict(zip(encoded, values)) for values in zip(*encoded.values())]
+        for index, pair in enumerate(pairs):
+            if len(pair["input_ids"]) > window:
+                raise pair_too_long(window, index, len(pair["input_ids"]))
+        return pairs

@@ -183,6 +183,18 @@ class WorkerThread:
             self._loop.call_soon_threadsafe(self._deliver, items)
 
 
+class JobThread(WorkerThread):
+    """A thread that runs jobs only (`call`), one at a time: for a model that serves no sequences (a reranker)."""
+
+    def __init__(self, name: str):
+        super().__init__(name, capacity=0)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._take_inbox(block=True)
+
+
 async def deltas(sequence, worker: WorkerThread) -> AsyncIterator[Delta]:
     """A sequence's deltas as they arrive; closing early cancels it in the worker."""
     ended = False  # the worker has let the sequence go: it sent the last delta or an error

@@ -1,13 +1,20 @@
-"""The llama.cpp engine: a GGUF model loaded in this process, served by the batching scheduler."""
+"""The llama.cpp engine: a GGUF model loaded in this process, served by the batching scheduler.
+
+A reranker (task "rerank": a GGUF converted from a one-label sequence classifier) only scores (query, document)
+pairs, with llama.cpp's rank pooling, on a thread of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
+import math
 import os
 from typing import Any, AsyncIterator
 
+import gguf
 import jinja2
 import llama_cpp
 import numpy as np
@@ -21,10 +28,11 @@ from engines.base import (
     EngineConfig,
     Prompt,
     SamplingParams,
+    Scores,
     UnsupportedFeature,
     too_long_to_tokenize,
 )
-from engines.common import BaseEngine
+from engines.common import BaseEngine, model_task, pair_too_long, require_task
 from engines.json_budget import BudgetWatch, closing_plan
 from engines.llamacpp.native import (
     Batch,
@@ -36,11 +44,12 @@ from engines.llamacpp.native import (
     tool_call_grammar,
 )
 from engines.llamacpp.scheduler import Scheduler
-from engines.worker_thread import deltas
+from engines.worker_thread import JobThread, deltas
 
 log = logging.getLogger(__name__)
 MAX_EMBEDDING_TOKENS = 512
 CPU_GATHER_S = 0.003  # how long a request reaching an idle CPU engine waits for the rest of its burst
+RANK_SEQUENCES = 16  # a reranker's pairs scored in one encode, at most (and at most its window of tokens)
 
 
 class LlamaCppEngine(BaseEngine[Scheduler]):
@@ -48,13 +57,17 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
+        self._task = model_task(config)
         self._model = None
         self._ctx = None
         self._embed_ctx = None
+        self._rank_ctx = None
+        self._rank_batch: Batch | None = None
+        self._pair_marks: tuple[list[int], list[int], list[int]] = ([], [], [])  # before, between, after
         self._vocab: Vocab | None = None
         self._chat_template: str | None = None
         self._chat_formatter: Jinja2ChatFormatter | None = None
-        self._scheduler: Scheduler | None = None
+        self._scheduler: Scheduler | JobThread | None = None  # a reranker's: a JobThread
         self._n_embd: int | None = None  # the embedding width, known when embeddings are on
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -78,6 +91,9 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {config.model_path}")
         self._vocab = Vocab(self._model)
+        if self._task == "rerank":
+            self._load_reranker()
+            return
         self._chat_template = model_metadata(self._model, "tokenizer.chat_template")
         self._chat_formatter = self._load_chat_formatter()
         # One KV stream of `context_length` cells per slot, so every request gets the whole window.
@@ -86,7 +102,8 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         )
         if config.embedding:
             size = self._embedding_window()
-            self._embed_ctx = self._new_context(n_ctx=size, n_batch=size, n_seq_max=1, embeddings=True)
+            self._embed_ctx = self._new_context(n_ctx=size, n_batch=size, n_seq_max=1,
+                                                pooling=llama_cpp.LLAMA_POOLING_TYPE_MEAN)  # fmt: skip
             self._n_embd = llama_cpp.llama_model_n_embd(self._model)
 
     def _embedding_window(self) -> int:
@@ -94,7 +111,39 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         # with it (4096 tokens cost ~800 MB for this vocabulary), so inputs are capped like BERT's.
         return min(self.config.context_length, MAX_EMBEDDING_TOKENS)
 
-    def _new_context(self, *, n_ctx: int, n_batch: int, n_seq_max: int, embeddings: bool = False):
+    def _load_reranker(self) -> None:
+        """A one-label classifier head (its labels are written by the converter of a sequence classifier), run by
+        llama.cpp's rank pooling: the first token's hidden state through the head, one logit a sequence."""
+        model, path = self._model, self.config.model_path
+        if llama_cpp.llama_model_n_cls_out(model) != 1 or llama_cpp.llama_model_cls_label(model, 0) is None:
+            raise ValueError(
+                f"{path} is not a reranker: `task: rerank` needs a GGUF converted from a one-label sequence "
+                "classifier (a cross-encoder)"
+            )  # fmt: skip
+        if model_metadata(model, "general.architecture") == "bert" and _without_pooler(path):
+            log.warning("%s has no BERT pooler (llama.cpp's converter drops it): its scores are the classifier's on "
+                        "the unpooled [CLS] state, not the model's (docs/design/rerank.md)", path)  # fmt: skip
+        window = self._rank_window()
+        self._rank_ctx = self._new_context(n_ctx=window, n_batch=window, n_seq_max=RANK_SEQUENCES,
+                                           pooling=llama_cpp.LLAMA_POOLING_TYPE_RANK)  # fmt: skip
+        self._rank_batch = Batch(window)
+        # llama-server's pair for an encoder: BOS query EOS SEP document EOS, each where the vocabulary adds it (for
+        # a BERT vocabulary [CLS] query [SEP] document [SEP], what the Hugging Face tokenizer's pair encoding gives).
+        vocab = self._vocab.ptr
+        end = self._vocab.eos if self._vocab.eos != llama_cpp.LLAMA_TOKEN_NULL else llama_cpp.llama_vocab_sep(vocab)
+        before = [self._vocab.bos] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
+        after = [end] if llama_cpp.llama_vocab_get_add_eos(vocab) else []
+        between = after + ([llama_cpp.llama_vocab_sep(vocab)] if llama_cpp.llama_vocab_get_add_sep(vocab) else [])
+        self._pair_marks = (before, between, after)
+
+    def context_length(self) -> int:
+        return self._rank_window() if self._rank_ctx else self.config.context_length
+
+    def _rank_window(self) -> int:
+        """The tokens of one pair, at most: LLM_CTX, capped by the positions the model was trained on."""
+        return min(self.config.context_length, llama_cpp.llama_model_n_ctx_train(self._model))
+
+    def _new_context(self, *, n_ctx: int, n_batch: int, n_seq_max: int, pooling: int | None = None):
         threads = self.config.threads or os.cpu_count() or 1
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -105,9 +154,14 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         params.n_threads_batch = threads
         params.kv_unified = False
         params.no_perf = True
-        if embeddings:
+        if pooling is not None:
             params.embeddings = True
-            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            params.pooling_type = pooling
+        if pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK:
+            # Pairs share one encode and no cache: each takes the window's positions. Flash attention, which
+            # rounds through f16 on a CPU, off: scores stay closer to the model's (docs/design/rerank.md).
+            params.kv_unified = True
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
@@ -127,6 +181,9 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     def _start(self) -> None:
         config = self.config
+        if self._task == "rerank":
+            self._scheduler = JobThread("llama.cpp reranker")
+            return
         self._scheduler = Scheduler(
             self._ctx,
             self._vocab,
@@ -142,20 +199,25 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             gather_for=0.0 if config.gpu_layers != 0 else CPU_GATHER_S,
         )
 
-    def _runner(self) -> Scheduler | None:
+    def _runner(self) -> Scheduler | JobThread | None:
         return self._scheduler
+
+    def _require_ready(self, task: str = "generate") -> Scheduler:
+        scheduler = super()._require_ready()
+        require_task(self.config, self._task, task)
+        return scheduler
 
     async def close(self) -> None:
         await self._end_prompt_work()
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
-        for ctx in (self._ctx, self._embed_ctx):
+        for ctx in (self._ctx, self._embed_ctx, self._rank_ctx):
             if ctx:
                 llama_cpp.llama_free(ctx)
         if self._model:
             llama_cpp.llama_model_free(self._model)
-        self._ctx = self._embed_ctx = self._model = None
+        self._ctx = self._embed_ctx = self._rank_ctx = self._model = None
         self._state = "closed"
 
     # ---- info ------------------------------------------------------------------------------
@@ -173,7 +235,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
             return 0
         head_dim = llama_cpp.llama_model_n_embd(model) // max(llama_cpp.llama_model_n_head(model), 1)
         per_cell = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
-        cells = self.config.context_length * self.config.parallel
+        cells = self.config.context_length * self.config.parallel if self._ctx else 0  # a reranker keeps no cache
         cells += self._embedding_window() if self._embed_ctx else 0
         return llama_cpp.llama_model_size(model) + per_cell * cells
 
@@ -285,7 +347,7 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
     # ---- embeddings ------------------------------------------------------------------------
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
-        scheduler = self._require_ready()
+        scheduler = self._require_ready("embed")
         if self._embed_ctx is None:
             raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
         token_lists = []
@@ -315,3 +377,61 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
         vector = np.ctypeslib.as_array(pointer, shape=(self._n_embd,)).astype(np.float64)
         norm = np.linalg.norm(vector)
         return (vector / norm if norm > 0 else vector).tolist()
+
+    # ---- reranking -------------------------------------------------------------------------
+
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        if self._task != "rerank":
+            return await super().rerank(query, documents)
+        jobs = self._require_ready("rerank")
+        pairs = await self._off_loop(self._rank_pairs, query, documents)
+        scores = []
+        for batch in _packed([len(pair) for pair in pairs], self._rank_window(), RANK_SEQUENCES):
+            scores += await jobs.call(functools.partial(self._score, [pairs[i] for i in batch]))
+        return Scores(scores=scores, prompt_tokens=sum(len(pair) for pair in pairs))
+
+    def _rank_pairs(self, query: str, documents: list[str]) -> list[list[int]]:
+        """On a prompt thread: each pair's tokens (see `_load_reranker`); a pair longer than the window is refused."""
+        window = self._rank_window()
+        before, between, after = self._pair_marks
+        asked = before + self._encode(query, add_special=False, parse_special=False, window=window, param="query")
+        pairs = []
+        for index, document in enumerate(documents):
+            text = self._encode(document, add_special=False, parse_special=False, window=window, param="documents")
+            pairs.append(asked + between + text + after)
+            if len(pairs[-1]) > window:
+                raise pair_too_long(window, index, len(pairs[-1]))
+        return pairs
+
+    def _score(self, pairs: list[list[int]]) -> list[float]:
+        """On the reranker's thread: the pairs in one encode, a sequence each. The rank pooling gives each pair's
+        logit (what llama-server reports); its sigmoid is the relevance, as vLLM and transformers give it."""
+        ctx, batch = self._rank_ctx, self._rank_batch
+        batch.clear()
+        for sequence, tokens in enumerate(pairs):
+            batch.add(tokens, 0, sequence, outputs=len(tokens))
+        if llama_cpp.llama_encode(ctx, batch.native) != 0:
+            raise RuntimeError("llama_encode failed while reranking")
+        logits = [llama_cpp.llama_get_embeddings_seq(ctx, sequence)[0] for sequence in range(len(pairs))]
+        return [0.5 * (1 + math.tanh(logit / 2)) for logit in logits]  # the sigmoid, for any logit
+
+
+def _packed(lengths: list[int], most_tokens: int, most_items: int) -> list[list[int]]:
+    """The indices of `lengths` in order, in runs of at most `most_items` that add up to at most `most_tokens`."""
+    batches: list[list[int]] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if batches and len(batches[-1]) < most_items and total + length <= most_tokens:
+            batches[-1].append(index)
+            total += length
+        else:
+            batches.append([index])
+            total = length
+    return batches
+
+
+def _without_pooler(path: str) -> bool:
+    """A BERT classifier GGUF whose head is the output projection alone: llama.cpp's converter drops BERT's pooler
+    (dense and tanh, which would be the `cls` tensor), which BertForSequenceClassification applies first."""
+    names = {tensor.name for tensor in gguf.GGUFReader(path).tensors}
+    return "cls.output.weight" in names and "cls.weight" not in names

@@ -1,7 +1,8 @@
 """The transformers engine: any Hugging Face model (a directory, a repo id, or a GGUF file) in this process.
 
 A chat model generates through the worker thread; an encoder model (task "embed") only embeds. Both
-embed by mean-pooling the last hidden state and normalising, the sentence-transformers recipe.
+embed by mean-pooling the last hidden state and normalising, the sentence-transformers recipe. A cross-encoder
+(task "rerank") only scores (query, document) pairs.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from typing import AsyncIterator
 import llguidance
 import llguidance.hf
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
-from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, UnsupportedFeature
-from engines.common import BaseEngine
-from engines.hf_prompts import HFPrompts, longest_piece
+from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, Scores, UnsupportedFeature
+from engines.common import BaseEngine, model_task, require_task
+from engines.hf_prompts import HFPrompts, longest_piece, require_reranker
 from engines.json_budget import TokenCloser, closing_plan
 from engines.llguidance_grammars import json_matcher, marker_pieces, special_tokens, tool_call_matcher
 from engines.transformers.sampling import TokenChooser
@@ -41,6 +49,9 @@ QUANTIZATIONS = {
     "int4": lambda: _bitsandbytes(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
 }
 NEEDS_CUDA = {"int8", "int4"}
+MODEL_CLASSES = {"generate": AutoModelForCausalLM, "embed": AutoModel, "rerank": AutoModelForSequenceClassification}
+# A reranker's forward takes pairs of similar length together, up to this many (padded) tokens.
+RERANK_BATCH_TOKENS = 8192
 
 
 def pretrained_source(path: Path) -> tuple[str, dict]:
@@ -64,16 +75,13 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
             )
         if self._quantization in NEEDS_CUDA and self._device != "cuda":
             raise ValueError(f"LLM_QUANTIZATION={self._quantization} needs bitsandbytes on a CUDA GPU; none is visible")
+        self._task = model_task(config)
         self._model = None
         self._tokenizer = None
         self._longest_piece: int | None = None  # bytes one token covers at most, where known
         self._grammar_tokenizer = None
         self._specials: dict[str, int] = {}  # the text of each special token → its id
         self._worker: Worker | None = None
-
-    @property
-    def _embeds_only(self) -> bool:
-        return self.config.options.get("task") == "embed"
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -83,13 +91,16 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         extra["trust_remote_code"] = bool(self.config.options.get("trust_remote_code"))
         self._tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         self._longest_piece = longest_piece(self._tokenizer)
-        if not self._embeds_only and not self._tokenizer.chat_template:
+        if self._task == "generate" and not self._tokenizer.chat_template:
             raise ValueError(f"{path} has no chat template: only instruction-tuned models can serve chat")
-        model_class = AutoModel if self._embeds_only else AutoModelForCausalLM
+        if self._task == "rerank":
+            require_reranker(str(path), AutoConfig.from_pretrained(source, **extra))
         placement = {"device_map": self._device} if self._device == "cuda" else {}
-        model = model_class.from_pretrained(source, **extra, **placement, **QUANTIZATIONS[self._quantization]())
+        model = MODEL_CLASSES[self._task].from_pretrained(
+            source, **extra, **placement, **QUANTIZATIONS[self._quantization]()
+        )  # fmt: skip
         self._model = model.eval()
-        if not self._embeds_only:
+        if self._task == "generate":
             eos = eos_ids(model, self._tokenizer)
             self._grammar_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos)
             self._specials = special_tokens(self._tokenizer)
@@ -102,12 +113,9 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
     def _runner(self) -> Worker | None:
         return self._worker
 
-    def _require_ready(self, generating: bool = True) -> Worker:
+    def _require_ready(self, task: str = "generate") -> Worker:
         worker = super()._require_ready()
-        if generating and self._embeds_only:
-            raise UnsupportedFeature(
-                f"model {self.config.served_name!r} is an embedding model; use /v1/embeddings", param="model"
-            )
+        require_task(self.config, self._task, task)
         return worker
 
     async def close(self) -> None:
@@ -118,13 +126,30 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         self._model = None
         self._state = "closed"
 
+    async def offload(self) -> bool:
+        """The weights to host RAM, on the worker thread between its steps (the governor calls this only while no
+        request holds the model). Not from a CPU, nor bitsandbytes weights, which live on the GPU only."""
+        if self._device != "cuda" or self._quantization in NEEDS_CUDA:
+            return False
+        await self._worker.call(lambda: self._move("cpu"))
+        return True
+
+    async def restore(self) -> None:
+        await self._worker.call(lambda: self._move(self._device))
+
+    def _move(self, device: str) -> None:
+        """Moves the model in place (the worker holds the same module); the GPU blocks it left go back to the
+        driver, so other processes and NVML see them free."""
+        self._model.to(device)
+        torch.cuda.empty_cache()
+
     # ---- info ------------------------------------------------------------------------------
 
     def _device_type(self) -> str:
         return self._device
 
     def _embedding_dimensions(self) -> int | None:
-        return self._model.config.hidden_size if self._model is not None else None
+        return self._model.config.hidden_size if self._model is not None and self._task != "rerank" else None
 
     def _memory_bytes(self) -> int:
         return self._model.get_memory_footprint() if self._model is not None else 0
@@ -181,8 +206,8 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
     # ---- embeddings ------------------------------------------------------------------------
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
-        worker = self._require_ready(generating=False)
-        if not self._embeds_only and not self.config.embedding:
+        worker = self._require_ready("embed")
+        if self._task == "generate" and not self.config.embedding:
             raise UnsupportedFeature("embeddings are disabled for this model (LLM_EMBEDDING=false)", param="model")
         token_lists = await self._embedding_inputs(inputs, self.context_length())
         vectors = await worker.call_each(self._embed_one, token_lists)
@@ -194,3 +219,36 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         output = self._model(input_ids=torch.tensor([tokens], device=self._model.device), output_hidden_states=True)
         pooled = output.hidden_states[-1][0].float().mean(dim=0)
         return torch.nn.functional.normalize(pooled, dim=0).tolist()
+
+    # ---- reranking -------------------------------------------------------------------------
+
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        if self._task != "rerank":
+            return await super().rerank(query, documents)
+        worker = self._require_ready("rerank")
+        pairs = await self._rerank_inputs(query, documents)
+        lengths = [len(pair["input_ids"]) for pair in pairs]
+        scores = [0.0] * len(pairs)
+        for batch in length_batches(lengths, RERANK_BATCH_TOKENS):
+            batch_scores = await worker.call(lambda batch=batch: self._score([pairs[i] for i in batch]))
+            for index, score in zip(batch, batch_scores):
+                scores[index] = score
+        return Scores(scores=scores, prompt_tokens=sum(lengths))
+
+    @torch.inference_mode()
+    def _score(self, pairs: list[dict[str, list[int]]]) -> list[float]:
+        """Each pair's relevance, the sigmoid of the classifier's one logit; runs on the worker thread."""
+        batch = self._tokenizer.pad(pairs, return_tensors="pt").to(self._model.device)
+        return torch.sigmoid(self._model(**batch).logits[:, 0].float()).tolist()
+
+
+def length_batches(lengths: list[int], most_tokens: int) -> list[list[int]]:
+    """The indices of `lengths` in batches of similar length, each at most `most_tokens` once padded to its longest
+    (one item at least): little padding, and no forward larger than that."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and lengths[index] * (len(batches[-1]) + 1) <= most_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches

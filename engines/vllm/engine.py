@@ -6,6 +6,8 @@ served from the Hugging Face directory `scripts/convert_gguf.py` writes beside i
 Constrained generation (JSON schemas, tool calls) runs on vLLM's llguidance backend ("guidance") with the grammars
 the transformers engine builds (engines/llguidance_grammars.py), so both engines hold a model to the same text.
 vLLM picks one backend per engine; xgrammar, its default, would need tool-call grammars of its own (structural tags).
+
+Embedding models (task "embed") and cross-encoder rerankers (task "rerank") run on vLLM's pooling runner.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import AsyncIterator
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import vllm  # noqa: E402  (reads the environment above at import)
-from transformers import AutoTokenizer  # noqa: E402
+import vllm.exceptions  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from vllm.config import StructuredOutputsConfig  # noqa: E402
-from vllm.exceptions import VLLMClientError  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.utils.system_utils import kill_process_tree  # noqa: E402
@@ -38,11 +41,12 @@ from engines.base import (  # noqa: E402
     EngineError,
     Prompt,
     SamplingParams,
+    Scores,
     TokenLogprob,
     UnsupportedFeature,
 )
-from engines.common import BaseEngine  # noqa: E402
-from engines.hf_prompts import HFPrompts, longest_piece  # noqa: E402
+from engines.common import BaseEngine, model_task, require_task  # noqa: E402
+from engines.hf_prompts import HFPrompts, longest_piece, require_reranker  # noqa: E402
 from engines.json_budget import closed_constraint  # noqa: E402
 from engines.llguidance_grammars import compact_schema, special_tokens, tool_call_grammar  # noqa: E402
 from engines.vllm.closing import JsonClosingProcessor, closing_args  # noqa: E402
@@ -54,12 +58,16 @@ def hf_directory(model_path: str) -> str:
     return str(path.with_name(path.stem + "-hf")) if path.suffix == ".gguf" else model_path
 
 
+# vLLM's validation error for an unusable request; before its own class (vLLM < 0.30) it raised ValueError.
+VLLMClientError = getattr(vllm.exceptions, "VLLMClientError", ValueError)
+
+
 class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     name = "vllm"
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
-        self._embeds_only = config.options.get("task") == "embed"
+        self._task = model_task(config)
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._longest_piece: int | None = None  # bytes one token covers at most, where known
@@ -84,8 +92,10 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             self._tokenizer = AutoTokenizer.from_pretrained(model)
             self._longest_piece = longest_piece(self._tokenizer)
             self._specials = special_tokens(self._tokenizer)
-            if not self._embeds_only and not self._tokenizer.chat_template:
+            if self._task == "generate" and not self._tokenizer.chat_template:
                 raise ValueError(f"{model} has no chat template: only instruction-tuned models can serve chat")
+            if self._task == "rerank":
+                require_reranker(model, AutoConfig.from_pretrained(model))
             # Kept by the thread itself: a load cancelled at shutdown never returns it, and close() must end it.
             # As an API server: vLLM sizes its defaults by this context, and AsyncLLM's own (ENGINE_CONTEXT) gets
             # none of them, e.g. fewer batched tokens a step than `vllm serve` gets on a large GPU.
@@ -97,11 +107,12 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
 
     def _engine_args(self, model: str) -> vllm.AsyncEngineArgs:
         config, options = self.config, self.config.options
+        pooling = self._task != "generate"
         return vllm.AsyncEngineArgs(
             model=model,
             served_model_name=config.served_name,
-            runner="pooling" if self._embeds_only else "generate",
-            max_model_len=None if self._embeds_only else options.get("max_model_len") or config.context_length,
+            runner="pooling" if pooling else "generate",
+            max_model_len=None if pooling else options.get("max_model_len") or config.context_length,
             max_num_seqs=options.get("max_num_seqs") or config.parallel,
             gpu_memory_utilization=options.get("gpu_memory_utilization", 0.9),
             quantization=options.get("quantization"),
@@ -116,17 +127,17 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             # Compact JSON (no whitespace between tokens) under every constraint: vLLM reads this flag per engine.
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
             # Closes constrained JSON as the token budget runs out (vLLM refuses logits processors for pooling).
-            logits_processors=None if self._embeds_only else [JsonClosingProcessor],
+            logits_processors=None if pooling else [JsonClosingProcessor],
+            # The governor may move a pooling model (embedding model, reranker) to its warm pool: sleep mode (CUDA).
+            enable_sleep_mode=pooling and current_platform.is_sleep_mode_available(),
         )
 
     def _runner(self) -> AsyncLLM | None:
         return self._llm
 
-    def _require_ready(self, generating: bool = True) -> AsyncLLM:
+    def _require_ready(self, task: str = "generate") -> AsyncLLM:
         llm = super()._require_ready()
-        if generating == self._embeds_only:
-            use = "/v1/embeddings" if self._embeds_only else "an embedding model (LLM_EMBEDDING_MODEL)"
-            raise UnsupportedFeature(f"model {self.config.served_name!r} cannot do this here; use {use}", param="model")
+        require_task(self.config, self._task, task, chat_embeds=False)  # one runner a model
         return llm
 
     async def close(self) -> None:
@@ -137,6 +148,17 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
         self._state = "closed"
+
+    async def offload(self) -> bool:
+        """Sleep mode, level 1: vLLM copies the weights to host RAM and drops the KV cache (built with it on CUDA,
+        for pooling models only: see `_engine_args`)."""
+        if not self._llm.model_config.enable_sleep_mode:
+            return False
+        await self._llm.sleep(level=1)
+        return True
+
+    async def restore(self) -> None:
+        await self._llm.wake_up()
 
     def _end_load(self) -> None:
         """Wait for the load's thread, killing the engine processes it starts meanwhile.
@@ -156,7 +178,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
         return str(self._llm.vllm_config.device_config.device_type) if self._llm is not None else "unknown"
 
     def _embedding_dimensions(self) -> int | None:
-        return self._llm.model_config.get_hidden_size() if self._llm is not None else None
+        return self._llm.model_config.get_hidden_size() if self._llm is not None and self._task != "rerank" else None
 
     def _memory_bytes(self) -> int:
         return self._weights_bytes if self._llm is not None else 0
@@ -269,7 +291,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     # ---- embeddings ------------------------------------------------------------------------
 
     async def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
-        llm = self._require_ready(generating=False)
+        llm = self._require_ready("embed")
         token_lists = await self._embedding_inputs(inputs, llm.model_config.max_model_len)
         vectors = await asyncio.gather(*(self._embed_one(llm, tokens) for tokens in token_lists))
         return Embeddings(vectors=list(vectors), prompt_tokens=sum(len(t) for t in token_lists))
@@ -280,6 +302,29 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             if output.finished:
                 return output.outputs.data.float().tolist()
         raise EngineError("vLLM finished an embedding without a result")
+
+    # ---- reranking -------------------------------------------------------------------------
+
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        if self._task != "rerank":
+            return await super().rerank(query, documents)
+        llm = self._require_ready("rerank")
+        pairs = await self._rerank_inputs(query, documents)
+        scores = await asyncio.gather(*(self._score(llm, pair) for pair in pairs))
+        return Scores(scores=list(scores), prompt_tokens=sum(len(pair["input_ids"]) for pair in pairs))
+
+    async def _score(self, llm: AsyncLLM, pair: dict[str, list[int]]) -> float:
+        """One pair as vLLM's own /rerank scores it: the pair encoding's ids, where its second segment begins (the
+        model runner rebuilds the segment ids from that), and the classify task, whose activation for a one-label
+        classifier is the sigmoid."""
+        types = pair.get("token_type_ids")
+        extra = {"compressed_token_type_ids": types.index(1) if 1 in types else len(types)} if types else None
+        params = vllm.PoolingParams(task="classify", extra_kwargs=extra)
+        prompt = vllm.TokensPrompt(prompt_token_ids=pair["input_ids"])
+        async for output in llm.encode(prompt, params, uuid.uuid4().hex):
+            if output.finished:
+                return float(output.outputs.data[0])
+        raise EngineError("vLLM finished a score without a result")
 
 
 def _constrained_param(params: SamplingParams) -> str | None:
