@@ -1,5 +1,6 @@
 """Model lifecycle: local models load on first use (or when pre-warmed) and unload when told, when idle, or
-under memory pressure, as the governor (gateway/models/governor.py) decides.
+under memory pressure, as the governor (gateway/models/governor.py) decides; under pressure an embedding model or
+reranker on a GPU moves to the governor's warm pool in host RAM instead, and back on its next request.
 
 `ManagedModel` is itself an `Engine`: routes use it like any engine, and it loads the real one on demand,
 counts the requests it serves (so it is never unloaded under one: each holds it from its first engine call
@@ -17,20 +18,32 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from engines.base import Delta, Embeddings, Engine, EngineInfo, EngineNotReady, Prompt, SamplingParams
-from gateway.models.governor import InsufficientMemory, MemoryGovernor
+from engines.base import (
+    Delta,
+    Embeddings,
+    Engine,
+    EngineInfo,
+    EngineNotReady,
+    Prompt,
+    SamplingParams,
+    Scores,
+    UnsupportedFeature,
+)
+from gateway.models.governor import Eviction, InsufficientMemory, MemoryGovernor
 from gateway.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
 
 class ManagedModel:
-    """One local model: unloaded → loading → ready → (unloading →) unloaded, or failed."""
+    """One local model: unloaded → loading → ready → (unloading →) unloaded, or failed; from ready also
+    offloading → offloaded (in the warm pool) → restoring → ready, or → unloading → unloaded."""
 
     def __init__(self, served_name: str, factory: Callable[[], Engine], estimate: int, manager: "ModelManager",
                  suggest: Callable[[int], str], prepare: Callable[[], Awaitable[object]] | None = None,
-                 tool_format: str | None = None):  # fmt: skip
+                 tool_format: str | None = None, kind: str = "chat"):  # fmt: skip
         self.served_name = served_name
+        self.kind = kind  # "chat", "embedding" or "rerank": what /v1/models and /health call it
         self.tool_format = tool_format  # the target's `tool_parser` option: a tool-call format by name
         self.suggest = suggest  # what would fit in so many bytes, for a 507
         self._factory = factory
@@ -46,17 +59,33 @@ class ManagedModel:
         self._transition = asyncio.Lock()
         self._in_flight = 0
         self._last_used = time.monotonic()
+        self._warm_bytes = 0  # what the weights take in the warm pool, while offloaded
 
     # ---- what the governor reads -----------------------------------------------------------
 
     def footprint(self) -> int:
+        """Bytes on the budget's device (the GPU on CUDA): in a move the estimate, as both ends may hold it."""
         if self.state == "ready":
             return self._engine.info().memory_bytes
-        return self.estimate if self.state in ("loading", "unloading") else 0
+        return self.estimate if self.state in ("loading", "unloading", "offloading", "restoring") else 0
+
+    def warm_bytes(self) -> int:
+        return self._warm_bytes if self.state in ("offloaded", "restoring") else 0
 
     def evictable(self) -> bool:
-        """Loaded, held by no request, and no thread still reading the model: freeing it now is safe."""
-        return self.state == "ready" and self._in_flight == 0 and self._engine.prompt_work() == 0
+        """Loaded or in the warm pool, held by no request, no load or restore under way, and no thread still
+        reading the model: freeing it now is safe."""
+        return (self.state in ("ready", "offloaded") and self._loading is None and self._in_flight == 0
+                and self._engine.prompt_work() == 0)  # fmt: skip
+
+    def location(self) -> str:
+        """Where the weights are, for /health and /v1/models/{id}/load: "gpu" (or "cpu" on a CPU engine) while
+        loaded, "cpu_warm" in the warm pool, else "unloaded"."""
+        if self.state in ("offloaded", "restoring"):
+            return "cpu_warm"
+        if self.state in ("ready", "offloading", "unloading"):
+            return "cpu" if self._engine.info().device == "cpu" else "gpu"
+        return "unloaded"
 
     def idle_seconds(self) -> float:
         return time.monotonic() - self._last_used
@@ -103,20 +132,22 @@ class ManagedModel:
             async with self._transition:
                 if self.state == "ready":
                     return
+                warm = self.state == "offloaded"
                 await self._manager.make_room(self)
                 started = time.perf_counter()
-                if self._prepare is not None:
-                    await self._prepare()
-                await self._engine.load()
+                await (self._engine.restore() if warm else self._fresh_load())
                 self.state, self.loaded_once = "ready", True
                 # Idle from now, not from when the load began: a load longer than the idle timeout (vLLM
                 # compiling on a small CPU) must not be undone by the next sweep.
                 self._last_used = time.monotonic()
-            metrics.record_model_event(self.served_name, "load")
-            log.info("model %s loaded in %.1fs", self.served_name, time.perf_counter() - started)
+            if warm:
+                metrics.record_restore(self.served_name)
+            else:
+                metrics.record_model_event(self.served_name, "load")
+            what = "restored from the warm pool" if warm else "loaded"
+            log.info("model %s %s in %.2fs", self.served_name, what, time.perf_counter() - started)
         except InsufficientMemory:
-            self.state = "unloaded"  # no room now; a later request may find some
-            raise
+            raise  # no room now: it stays where it was (unloaded, or warm); a later request may find some
         except Exception as error:
             self.state, self._error = "failed", str(error)
             metrics.record_model_event(self.served_name, "load_failed")
@@ -125,8 +156,34 @@ class ManagedModel:
         finally:
             self._loading = None
 
+    async def _fresh_load(self) -> None:
+        if self._prepare is not None:
+            await self._prepare()
+        await self._engine.load()
+
+    async def offload(self, reason: str) -> bool:
+        """Move the weights to the warm pool unless the model is serving (False then); where its engine cannot
+        (llama.cpp, a CPU device), unload it instead. The next request moves it back, or loads it again."""
+        async with self._transition:
+            if self.state != "ready" or not self.evictable():
+                return False
+            self._warm_bytes = self.estimate = max(self.estimate, self._engine.info().memory_bytes)
+            self.state = "offloading"
+            try:
+                moved = await self._engine.offload()
+            except Exception:  # the weights may be half moved: unloading frees both halves
+                log.exception("moving model %s to the warm pool failed; unloading it", self.served_name)
+                moved = False
+            self.state = "offloaded" if moved else "ready"
+        if not moved:
+            return await self.unload(reason)
+        metrics.record_offload(self.served_name, reason)
+        log.info("model %s moved to the warm pool (%s)", self.served_name, reason)
+        return True
+
     async def unload(self, reason: str) -> bool:
-        """Unload unless the model is serving (False then). The next request loads it again."""
+        """Unload, from the GPU or the warm pool, unless the model is serving (False then). The next request
+        loads it again."""
         async with self._transition:
             if not self.evictable():
                 return False
@@ -191,6 +248,16 @@ class ManagedModel:
             await self.ensure_loaded()
             return await self._engine.embed(inputs)
 
+    async def rerank(self, query: str, documents: list[str]) -> Scores:
+        if self.kind != "rerank":  # refused before a load: a chat model is not loaded only to say no
+            raise UnsupportedFeature(
+                f"model {self.served_name!r} is not a reranker; /v1/rerank needs a model served with "
+                "`options: {task: rerank}`", param="model",
+            )  # fmt: skip
+        with self.serving():
+            await self.ensure_loaded()
+            return await self._engine.rerank(query, documents)
+
     @contextlib.contextmanager
     def serving(self):
         """Holds the model for a request: not unloaded (by a request, the idle sweep or the governor) until
@@ -225,17 +292,19 @@ class ModelManager:
         return self.governor.state(list(self.models.values()))
 
     async def make_room(self, model: ManagedModel) -> None:
-        """Unload least recently used idle models until `model`'s estimate fits; 507 if it cannot."""
+        """Free least recently used idle models until `model`'s estimate fits; 507 if it cannot."""
         async with self._room:
             others = [m for m in self.models.values() if m is not model]
-            victims = self.governor.victims_for(model.estimate, others, model.suggest)
-            for victim in victims:
-                await victim.unload("memory")
-            model.state = "loading"  # counts with its estimate from here on
+            for eviction in self.governor.victims_for(model.estimate, others, model.suggest):
+                await _free(eviction)
+            # counts with its estimate from here on
+            model.state = "restoring" if model.state == "offloaded" else "loading"
 
     async def sweep(self) -> None:
-        for model, reason in self.governor.idle_victims(list(self.models.values()), self.unload_after):
-            await model.unload(reason)
+        """Free what idles too long; under the same lock as `make_room`, so the two never plan on stale figures."""
+        async with self._room:
+            for eviction in self.governor.idle_victims(list(self.models.values()), self.unload_after):
+                await _free(eviction)
 
     async def run_sweeper(self) -> None:
         """Every second (or a quarter of a short idle timeout), unload what idles too long."""
@@ -249,3 +318,8 @@ class ModelManager:
 
     async def close(self) -> None:
         await asyncio.gather(*(m.close() for m in self.models.values()))
+
+
+async def _free(eviction: Eviction) -> None:
+    model = eviction.model
+    await (model.offload(eviction.reason) if eviction.offload else model.unload(eviction.reason))

@@ -90,12 +90,16 @@ def quantization_of(entry: ModelEntry, path: str) -> str | None:
 
 
 def estimate_bytes(entry: ModelEntry | None, path: str) -> int:
-    """Memory a model will take before it is loaded: the registry's figure, else its file's size."""
+    """Memory a model will take before it is loaded: the registry's figure, else its file's size, or for a Hugging
+    Face directory its weight files' (an embedding model or reranker estimated at 0 would never make room)."""
     quantization = quantization_of(entry, path) if entry else None
     if quantization is not None:
         return int(entry.memory_gb[quantization] * (1 << 30))
-    file = Path(path)
-    return file.stat().st_size if file.is_file() else 0
+    model = Path(path)
+    if model.is_dir():
+        weights = list(model.glob("*.safetensors")) or list(model.glob("*.bin"))
+        return sum(file.stat().st_size for file in weights)
+    return model.stat().st_size if model.is_file() else 0
 
 
 def what_would_fit(registry: ModelRegistry, entry: ModelEntry | None, available: int) -> str:

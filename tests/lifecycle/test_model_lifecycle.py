@@ -198,10 +198,11 @@ def test_idle_unload_prewarm_and_explicit_unload(tmp_path):
         assert health["status"] == "ok" and health["governor"]["used_bytes"] == 0
         assert server.get("/ready").status_code == 200  # it reloads on the next request
         warm = server.post(f"/v1/models/{MODEL}/load", timeout=120).json()
-        assert warm["state"] == "ready" and warm["memory_bytes"] > 50_000_000
+        assert (warm["state"], warm["location"]) == ("ready", "cpu") and warm["memory_bytes"] > 50_000_000
         assert server.health()["governor"]["models"] == {MODEL: warm["memory_bytes"]}
         cold = server.post(f"/v1/models/{MODEL}/unload").json()
-        assert cold == {"id": MODEL, "object": "model.state", "state": "unloaded", "memory_bytes": 0}
+        assert cold == {"id": MODEL, "object": "model.state", "state": "unloaded", "location": "unloaded",
+                        "memory_bytes": 0}  # fmt: skip
         assert server.get("/ready").json() == {"status": "ready", "model": MODEL}  # as after an idle unload
         assert chat(server).status_code == 200  # loads again on first use
         metrics = server.get("/metrics").text
