@@ -27,7 +27,7 @@ LOAD_TEST_ARGS ?= --requests 32 --concurrency 8
 ENGINE_SETUP_vllm := setup-vllm models-hf
 ENGINE_PYTHON_vllm := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm models models-hf run test test-unit bench bench-constrained bench-vllm bench-overhead bench-memory clean compose-tool load-test
+.PHONY: setup setup-vllm models models-hf run test test-unit bench bench-constrained bench-affinity bench-vllm bench-overhead bench-memory clean test-tools load-test
 
 setup: $(STAMP) models setup-vllm models-hf
 
@@ -58,24 +58,29 @@ run: $(STAMP) models $(ENGINE_SETUP_$(LLM_ENGINE))
 	$(or $(ENGINE_PYTHON_$(LLM_ENGINE)),$(PY)) -m gateway serve
 
 # Everything: every lane of tests/ on every engine (20-30 min on two cores), the slowest 25 tests listed.
-test: setup compose-tool
+test: setup test-tools
 	$(PY) -m pytest --durations=25
 
 # The fast lane (tests/unit/, under a minute): no gateway process, nothing built beyond the venv and model.
 test-unit: $(STAMP) models
 	$(PY) -m pytest -m unit --durations=10
 
-# Debian's docker-compose validates the compose profiles without a Docker engine (tests/operations/test_deploy.py).
-# Installed only when running as root, never through sudo; without it the compose tests skip (fail under CI=true).
-compose-tool:
-	@if command -v docker-compose >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		{ apt-get install -y -qq docker-compose || { apt-get update -qq && apt-get install -y -qq docker-compose; }; } \
-			>/dev/null 2>&1 || echo "docker-compose could not be installed with apt: the compose tests will skip"; \
-	else \
-		echo "docker-compose is missing and this is not root: install it (apt-get install docker-compose)" \
-			"for the compose tests, which skip without it"; \
-	fi
+# Debian packages tests run beyond Python, each named as its command: docker-compose validates the compose profiles
+# without a Docker engine (tests/operations/test_deploy.py); redis-server is the replicas' shared state
+# (tests/routing/test_shared_state.py, tests/unit/test_redis_state.py). Installed only when running as root, never
+# through sudo; without one its tests skip (fail under CI=true).
+TEST_TOOLS := docker-compose redis-server
+test-tools:
+	@for tool in $(TEST_TOOLS); do \
+		if command -v $$tool >/dev/null; then :; \
+		elif [ "$$(id -u)" = 0 ]; then \
+			{ apt-get install -y -qq $$tool || { apt-get update -qq && apt-get install -y -qq $$tool; }; } \
+				>/dev/null 2>&1 || echo "$$tool could not be installed with apt: the tests that need it will skip"; \
+		else \
+			echo "$$tool is missing and this is not root: install it (apt-get install $$tool)" \
+				"for the tests that need it, which skip without it"; \
+		fi; \
+	done
 
 # Against a running gateway (`make run` in another terminal, or LOAD_TEST_URL=...).
 load-test: setup
@@ -104,6 +109,10 @@ bench: $(BENCH_STAMP) models
 # Benchmark 5: JSON-constrained decoding against free decoding per engine, and llama-server with the same grammar.
 bench-constrained: $(BENCH_STAMP) models models-hf
 	$(PY) scripts/bench_constrained.py --llama-server $(LLAMA_SERVER)
+
+# Benchmark 6: prefix affinity vs round robin vs least outstanding, the gateway in front of a pool of llama-servers.
+bench-affinity: $(BENCH_STAMP) models
+	$(PY) scripts/bench_affinity.py --llama-server $(LLAMA_SERVER)
 
 # Benchmark 2: the vLLM engine against `vllm serve`, both from the vLLM virtualenv, on the converted model;
 # float32, since bf16 runs 5.6x slower on an AVX2-only CPU.

@@ -6,6 +6,11 @@ p50/p99 minus the direct p50/p99 of the same repetition.
 
 Needs nginx and wrk on PATH (Debian packages) and LiteLLM's proxy in its own virtualenv (--litellm,
 the `litellm` executable; the Makefile's `bench-overhead` target makes one).
+
+--redis measures what shared state costs: a second gateway, `gateway-redis`, keeps it in a redis-server started here
+(Debian's; LLM_REDIS_URL), and both gateways check an API key with rate limits that never refuse, so every request
+runs the limit scripts (admit, reserve, settle) and the target's cooldown read. Compare its added p50 with
+`gateway`'s.
 """
 
 from __future__ import annotations
@@ -16,11 +21,23 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
+import redis
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import Service, exit_on_sigterm, machine, markdown_table, median, stop_all, write_result  # noqa: E402
+from bench_common import (  # noqa: E402
+    Service,
+    exit_on_sigterm,
+    free_port,
+    machine,
+    markdown_table,
+    median,
+    stop_all,
+    write_result,
+)
 
 REPLY = {
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "fixed",
@@ -28,6 +45,9 @@ REPLY = {
     "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
 }  # fmt: skip
 REQUEST = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+BENCH_KEY = "sk-bench-overhead"
+# With --redis: a key whose limits never refuse, so each request is counted (the gateway with Redis: in Redis).
+LIMITED_KEY = {"LLM_API_KEYS": BENCH_KEY, "LLM_RATE_LIMIT_RPM": str(10**9), "LLM_RATE_LIMIT_TPM": str(10**12)}
 
 
 def nginx(work: Path) -> Service:
@@ -45,15 +65,32 @@ def nginx(work: Path) -> Service:
     return service
 
 
-def gateway(work: Path, upstream: Service) -> Service:
+def gateway(work: Path, upstream: Service, name: str = "gateway", env: dict[str, str] | None = None) -> Service:
     config = work / "gateway.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "targets": {"upstream": {"type": "openai", "base_url": upstream.base_url + "/v1", "model": "fixed"}},
         "models": {"bench": {"targets": ["upstream"]}},
     }))  # fmt: skip
-    service = Service("gateway", [sys.executable, "-m", "gateway", "serve"], "/health", '"status":"ok"')
-    service.env = {"LLM_CONFIG": str(config), "LLM_PORT": str(service.port), "LLM_LOG_LEVEL": "warning"}
+    service = Service(name, [sys.executable, "-m", "gateway", "serve"], "/health", '"status":"ok"')
+    service.env = {"LLM_CONFIG": str(config), "LLM_PORT": str(service.port), "LLM_LOG_LEVEL": "warning", **(env or {})}
     return service
+
+
+def redis_server(work: Path) -> tuple[subprocess.Popen, str]:
+    """Debian's redis-server on a free loopback port, keeping nothing on disk; its URL once it answers."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(work)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("redis-server did not answer within 10 s")
 
 
 def bare_relay(upstream: Service) -> Service:
@@ -75,11 +112,9 @@ def litellm(work: Path, upstream: Service, executable: str) -> Service:
     return service
 
 
-def warm_up(service: Service) -> None:
+def warm_up(service: Service, headers: dict[str, str]) -> None:
     """One request first: LiteLLM imports and builds much of itself on its first call."""
-    request = urllib.request.Request(
-        service.base_url + "/v1/chat/completions", json.dumps(REQUEST).encode(), {"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(service.base_url + "/v1/chat/completions", json.dumps(REQUEST).encode(), headers)
     with urllib.request.urlopen(request, timeout=120) as response:
         response.read()
 
@@ -124,21 +159,27 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64", type=lambda s: [int(c) for c in s.split(",")])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--redis", action="store_true", help="add a gateway with its state in Redis (see above)")
     args = parser.parse_args()
     exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     script = work / "post.lua"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {BENCH_KEY}"} if args.redis else {})}
     script.write_text(
-        f'wrk.method = "POST"\nwrk.body = [[{json.dumps(REQUEST)}]]\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.method = "POST"\nwrk.body = [[{json.dumps(REQUEST)}]]\n'
+        + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers.items())
     )
     upstream = nginx(work)
-    services = [upstream, gateway(work, upstream), bare_relay(upstream)]
+    state, url = redis_server(work) if args.redis else (None, None)
+    keyed = LIMITED_KEY if args.redis else {}
+    services = [upstream, gateway(work, upstream, env=keyed), bare_relay(upstream)]
+    services += [gateway(work, upstream, "gateway-redis", {**keyed, "LLM_REDIS_URL": url})] if args.redis else []
     services += [litellm(work, upstream, args.litellm)] if args.litellm else []
     raw: dict = {c: [] for c in args.concurrency}
     try:
         for service in services:
             service.start(work)
-            warm_up(service)
+            warm_up(service, headers)
         for rep in range(args.reps):
             for concurrency in args.concurrency:
                 run = {}
@@ -149,6 +190,8 @@ def main() -> None:
                 raw[concurrency].append({s.name: run[s.name] for s in services})
     finally:
         stop_all(services)
+        if state is not None:
+            state.kill()
     header = ["connections", "server", "requests/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"]
     table = markdown_table(header, summarize(raw))
     write_result("bench_overhead", {"machine": machine(), "settings": vars(args), "raw": raw}, table)

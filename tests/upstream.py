@@ -10,9 +10,11 @@ it runs (PUT /control/<name>). Modes:
   tools    calls the request's first tool, with the whole request it received as the arguments
   500      OpenAI-shaped 500;  429: 429 with Retry-After: 1;  400: a request error
   stall    sends nothing for 60 s
-  cut3     streams 3 chunks, then drops the connection
+  cut<N>   streams N chunks (the role chunk first), then drops the connection (cut1: the role chunk alone)
+  toolscut<N>  as tools, cut after N chunks (a tool call in progress)
   empty    a stream that ends at once, without a chunk or [DONE]
   fail2    500 for the first 2 requests, then ok
+  ctxopenai, ctxvllm, ctxllama  400: the prompt does not fit the context, as OpenAI, vLLM and llama-server say it
 Anthropic's Messages API, at <base>/messages and <base>/messages/count_tokens (which counts COUNTED_TOKENS) only
 (an Anthropic target's base URL is `anthropic_url(name)`):
   anthropic          answers like Anthropic (a stream of message_start, a text block of 5 deltas, message_delta with
@@ -103,6 +105,8 @@ class Upstream:
         if mode in ERRORS:
             status, headers = ERRORS[mode]
             return JSONResponse(_error(status), status_code=status, headers=headers)
+        if mode in CONTEXT_ERRORS:
+            return JSONResponse(CONTEXT_ERRORS[mode], status_code=400)
         if mode == "stall":
             await asyncio.sleep(60)
         if body.get("stream"):
@@ -111,6 +115,19 @@ class Upstream:
 
 
 ERRORS = {"500": (500, {}), "429": (429, {"Retry-After": "1"}), "400": (400, {})}
+# A prompt too long for the model's context: OpenAI's error (its code), vLLM's (its message; `code` is the status)
+# and llama-server's (its type).
+CONTEXT_ERRORS = {
+    "ctxopenai": {"error": {"message": "This model's maximum context length is 64 tokens. However, your messages "
+                            "resulted in 90 tokens.", "type": "invalid_request_error", "param": "messages",
+                            "code": "context_length_exceeded"}},
+    "ctxvllm": {"error": {"message": "This model's maximum context length is 64 tokens. However, your prompt "
+                          "contains 90 input tokens.", "type": "BadRequestError", "param": "input_tokens",
+                          "code": 400}},
+    "ctxllama": {"error": {"code": 400, "message": "request (90 tokens) exceeds the available context size (64 "
+                           "tokens), try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 90,
+                           "n_ctx": 64}},
+}  # fmt: skip
 WORDS = ["from", " ", "<name>", " ", "upstream"]
 STREAM_USAGE = {"prompt_tokens": 3, "completion_tokens": len(WORDS), "total_tokens": 3 + len(WORDS)}
 
@@ -145,7 +162,7 @@ def _chunk(name: str, delta: dict, finish_reason: str | None = None, usage: dict
 
 def _deltas(name: str, mode: str, body: dict) -> list[tuple[dict, str | None]]:
     """The stream's deltas with their finish reasons; the role comes first, as from OpenAI."""
-    if mode == "tools":
+    if mode.startswith("tools"):
         return _tool_call_deltas(_tool_call(body))
     return [({"role": "assistant", "content": ""}, None), *(({"content": word}, None) for word in _words(name))]
 
@@ -164,11 +181,18 @@ def _tool_call_deltas(call: dict) -> list[tuple[dict, str | None]]:
     return [({"role": "assistant", "content": None, "tool_calls": [opening]}, None), *rest, ({}, "tool_calls")]
 
 
+def _cut_after(mode: str) -> int | None:
+    """How many chunks a `cut<N>` (or `toolscut<N>`) mode streams before it drops the connection."""
+    count = mode.partition("cut")[2]
+    return int(count) if count.isdigit() else None
+
+
 async def _stream(name: str, mode: str, body: dict):
     if mode == "empty":
         return
+    cut = _cut_after(mode)
     for i, (delta, finish_reason) in enumerate(_deltas(name, mode, body)):
-        if mode == "cut3" and i == 3:
+        if i == cut:
             raise ConnectionResetError("cut on purpose")  # uvicorn drops the connection mid-body
         yield _chunk(name, delta, finish_reason)
         await asyncio.sleep(0.01)

@@ -64,8 +64,21 @@ async def render_prompt(engine: Engine, body: ChatCompletionRequest,
     output = ChatOutput.of(body, await engine.chat_template(), engine.tool_format)
     messages, tools = output.prompt_messages(body)
     thinking = {"enable_thinking": THINKING[body.reasoning_effort]} if body.reasoning_effort else None
-    prompt = await engine.render_chat(messages, tools, thinking, add_generation_prompt=add_generation_prompt)
+    if body.continue_final_message:
+        opening = await engine.render_chat(messages[:-1], tools, thinking)
+        return output, await _continuing(engine, opening, body.messages[-1].text())
+    opens = add_generation_prompt and body.add_generation_prompt
+    prompt = await engine.render_chat(messages, tools, thinking, add_generation_prompt=opens)
     return output, prompt
+
+
+async def _continuing(engine: Engine, opening: Prompt, text: str) -> Prompt:
+    """The prompt that goes on from an assistant's `text`: the turns before it up to the assistant's opening, then the
+    text as plain text (no special tokens read into it). Templates put an assistant message there, so this is the
+    chat with that message last and no new turn (vLLM's continue_final_message), whatever a template does to the
+    ends of a message's text."""
+    tail = await engine.encode_prompt(text, add_special=False)
+    return Prompt(opening.text + text, opening.token_ids + tail.token_ids)
 
 
 def _check_schemas(response_schema: dict | None, tools: list[ToolSpec]) -> None:
@@ -145,6 +158,9 @@ class _ChatReply(Reply):
                 yield self._finish_chunk(index, finish_reason, delta.stop_sequence)
         if include_usage:
             yield self._chunk([], usage=self.usage(completion))
+
+    def opening(self) -> int:
+        return self.choices  # a role chunk each
 
     def _finish_chunk(self, index: int, finish_reason: str, stop_sequence: str | None) -> str:
         choice = ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason, stop_reason=stop_sequence)

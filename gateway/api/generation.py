@@ -13,7 +13,6 @@ from pydantic_core import to_json
 
 from engines.base import Delta, Engine, Prompt, SamplingParams, TokenLogprob
 from gateway.api.protocol import Usage
-from gateway.core.streams import primed
 from gateway.errors import APIError
 from gateway.telemetry import metrics
 from gateway.telemetry.requests import RequestRecord, current_request
@@ -124,6 +123,10 @@ class Reply:
     def chunks(self, stream: AsyncIterator[tuple[int, Delta]], include_usage: bool) -> AsyncIterator[str]:
         raise NotImplementedError
 
+    def opening(self) -> int:
+        """How many chunks a stream sends before any output (chat's role chunks)."""
+        return 0
+
     def text_chunk(self, index: int, text: str) -> str:
         """The chunk of a delta that carries text only (most of a stream). Its JSON is rendered once per choice
         by the wire model, with a placeholder for the text, and each token's chunk is that text's JSON between
@@ -141,13 +144,31 @@ class Reply:
 
 
 async def produce(reply: Reply, merged: AsyncIterator[tuple[int, Delta]], stream: bool, include_usage: bool):
-    """SSE chunks once the first token is there (a failure before it can still fall back), or one body."""
+    """SSE chunks once the first output is there (a failure before it can still fall back), or one body."""
     record = current_request()
     record.prompt_tokens = reply.prompt_tokens
     merged = metered(merged, record)
     if stream:
-        return reply.chunks(await primed(merged), include_usage)
+        return await _from_first_output(reply.chunks(merged, include_usage), reply.opening())
     return reply.response(await collect(merged, reply.choices))
+
+
+async def _from_first_output(chunks: AsyncIterator[str], opening: int) -> AsyncIterator[str]:
+    """`chunks` once the first after the `opening` ones is there. A first token may show nothing yet (part of a
+    character or of a stop sequence, markup the output parser holds), and until output a failure can fall back."""
+    held = []
+    with contextlib.suppress(StopAsyncIteration):
+        while len(held) <= opening:
+            held.append(await anext(chunks))
+
+    async def rest() -> AsyncIterator[str]:
+        async with contextlib.aclosing(chunks):
+            for chunk in held:
+                yield chunk
+            async for chunk in chunks:
+                yield chunk
+
+    return rest()
 
 
 async def metered(merged: AsyncIterator[tuple[int, Delta]], record: RequestRecord) -> AsyncIterator[tuple[int, Delta]]:

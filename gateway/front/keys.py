@@ -2,87 +2,64 @@
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import math
-import time
 from dataclasses import dataclass
 
 from gateway.errors import APIError
 from gateway.routing.config import ApiKey
+from gateway.state.shared import NO_HOLD, Refusal, SharedState, Window
 from gateway.telemetry.requests import current_request
 
-WINDOW = 60.0  # rate limits are per minute, over a sliding window
 # Paths outside /v1/ that read a model all the same (vLLM's and llama-server's names): guarded like /v1/ ones.
-GUARDED_PATHS = frozenset({"/tokenize", "/detokenize"})
+GUARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/rerank", "/v2/rerank"})
 
 
 class KeyLimits:
-    """Requests and tokens a key used in the last minute, and the tokens its requests in flight hold.
+    """One request's use of its key's requests and tokens per minute (the `TokenAllowance` on its record), counted in
+    the key's window: this replica's, or the replicas' shared one (gateway/state/).
 
-    A request reserves its maximum once its body is read (`ModelRequest.most_tokens`) and is charged what it
-    used when it ends, however it ends. It is admitted while what the key was charged plus what its requests in flight
-    hold is under the limit: concurrent requests overshoot the limit by at most one request's maximum, as
-    consecutive ones do."""
+    A request is admitted while the key's requests, or its tokens charged in the last minute plus what its requests
+    in flight hold, are under the limit. It reserves its maximum once its body is read (`ModelRequest.most_tokens`)
+    and is charged what it used when it ends, however it ends: concurrent requests overshoot the limit by at most
+    one request's maximum, as consecutive ones do."""
 
-    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None):
-        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
-        self._requests: collections.deque[float] = collections.deque()
-        self._tokens: collections.deque[tuple[float, int]] = collections.deque()
-        self._charged = 0  # the sum of _tokens
-        self._reserved = 0  # the maxima of the requests in flight
+    def __init__(self, window: Window):
+        self.window = window
+        self.hold = NO_HOLD
 
-    def admit(self) -> None:
-        now = time.monotonic()
-        self._forget(now)
-        if self.rpm is not None and len(self._requests) >= self.rpm:
-            raise _limited("requests", self.rpm, self._requests[0] + WINDOW - now)
-        self._check_tokens(now)
-        self._requests.append(now)
+    @classmethod
+    async def admit(cls, window: Window) -> KeyLimits:
+        """A request's use of `window`; 429 when the key is at a limit."""
+        if (refusal := await window.admit()) is not None:
+            raise _limited(refusal)
+        return cls(window)
 
-    def reserve(self, tokens: int) -> int:
-        """Hold `tokens` for a request until it ends (429 when the key is at its limit); what it holds."""
-        if self.tpm is None:
-            return 0
-        self._check_tokens(time.monotonic())
-        self._reserved += tokens
-        return tokens
+    async def reserve(self, tokens: int) -> int:
+        """Hold `tokens` until the request ends (429 when the key is at its limit); what it holds."""
+        hold = await self.window.reserve(tokens)
+        if isinstance(hold, Refusal):
+            raise _limited(hold)
+        self.hold = hold
+        return hold.tokens
 
-    def settle(self, reserved: int, used: int) -> None:
-        """A request ended: it gives back what it held and is charged what it used."""
-        self._reserved -= reserved
-        self.charge(used)
-
-    def charge(self, tokens: int) -> None:
-        if self.tpm is not None and tokens:
-            self._tokens.append((time.monotonic(), tokens))
-            self._charged += tokens
-
-    def _check_tokens(self, now: float) -> None:
-        self._forget(now)
-        if self.tpm is not None and self._charged + self._reserved >= self.tpm:
-            # Requests in flight may end any moment, using less than they hold.
-            raise _limited("tokens", self.tpm, self._tokens[0][0] + WINDOW - now if self._tokens else 1)
-
-    def _forget(self, now: float) -> None:
-        while self._requests and self._requests[0] <= now - WINDOW:
-            self._requests.popleft()
-        while self._tokens and self._tokens[0][0] <= now - WINDOW:
-            self._charged -= self._tokens.popleft()[1]
+    async def settle(self, used: int) -> None:
+        """The request ended: it gives back what it held and is charged what it used."""
+        await self.window.settle(self.hold, used)
 
 
-def _limited(unit: str, limit: int, wait: float) -> APIError:
-    seconds = max(1, math.ceil(wait))
+def _limited(refusal: Refusal) -> APIError:
+    seconds, unit = max(1, math.ceil(refusal.wait)), refusal.unit
     return APIError(
-        429, f"Rate limit reached for {unit} per minute: limit {limit}. Please try again in {seconds}s.",
+        429, f"Rate limit reached for {unit} per minute: limit {refusal.limit}. Please try again in {seconds}s.",
         type=unit, code="rate_limit_exceeded", headers={"Retry-After": str(seconds)},
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Key:
-    limits: KeyLimits
+    window: Window  # its requests and tokens per minute
     admin: bool  # may load and unload models and see target URLs in /health
     owner: str  # a stable id of the key (a hash of it): what it stores, such as responses, is its own
 
@@ -91,11 +68,12 @@ class KeyRing:
     """The accepted keys. Without client keys the gateway is open (the default, for a local process); admin
     keys alone guard only what needs an admin."""
 
-    def __init__(self, keys: list[ApiKey]):
+    def __init__(self, keys: list[ApiKey], state: SharedState):
         self._keys = [
-            (secret, Key(KeyLimits(k.requests_per_minute, k.tokens_per_minute), k.admin, _owner(secret)))
+            (secret, Key(state.window(owner, k.requests_per_minute, k.tokens_per_minute), k.admin, owner))
             for k in keys
             for secret in [k.secret().encode()]
+            for owner in [_owner(secret)]
         ]
         self.closed = any(not key.admin for _, key in self._keys)  # every /v1/ path needs a key
         self.guards_admin = bool(self._keys)  # load and unload need an admin key
@@ -148,8 +126,8 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and _guarded(scope["path"]) and (keys := scope["app"].state.keys):
             try:
                 record = current_request()
-                key = _admit(keys, dict(scope["headers"]))
-                record.limits, record.owner = key.limits, key.owner
+                key = _identify(keys, dict(scope["headers"]))
+                record.limits, record.owner = await KeyLimits.admit(key.window), key.owner
             except APIError as error:
                 return await error(scope, receive, send)
         await self.app(scope, receive, send)
@@ -157,12 +135,6 @@ class ApiKeyMiddleware:
 
 def _guarded(path: str) -> bool:
     return path.startswith("/v1/") or path in GUARDED_PATHS
-
-
-def _admit(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:
-    key = _identify(keys, headers)
-    key.limits.admit()
-    return key
 
 
 def _identify(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Protocol, TypeVar
 
 from fastapi import Request
@@ -23,9 +23,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from gateway.core.request import ModelRequest
 from gateway.core.streams import CLIENT_CLOSED_REQUEST, sse_response, until_disconnected
 from gateway.errors import APIError, invalid_param
-from gateway.routing.config import RetryPolicy
+from gateway.routing.config import OpenAITargetConfig, RetryPolicy
+from gateway.routing.continuation import finishing
 from gateway.routing.router import Route, Target
-from gateway.routing.targets import CapabilityMismatch, Outcome, RemoteTarget, TargetFailure
+from gateway.routing.targets import CapabilityMismatch, LocalTarget, Outcome, RemoteTarget, TargetFailure
+from gateway.routing.window import PromptTooLong, too_long
 from gateway.telemetry import metrics
 from gateway.telemetry.requests import RequestRecord, current_request
 
@@ -68,7 +70,7 @@ async def dispatch(request: Request, request_type: type[ModelRequest], front: Fr
         route = state.router.resolve(served.model)
         record.model = served.model  # once known: metrics take no label values from unknown names
         if record.limits is not None:  # 429 unless the key's tokens per minute leave room; settled as it ends
-            record.reserved = record.limits.reserve(served.most_tokens(state.settings.ctx))
+            record.reserved = await record.limits.reserve(served.most_tokens(state.settings.ctx))
         chain = _Chain(route, served.endpoint, served, deadline.at, state.retry, record)
         outcome = await until_disconnected(request, _within(alarm, deadline, chain.serve(), record))
     finally:
@@ -198,27 +200,29 @@ class Alarm:
 
 class _Chain:
     def __init__(self, route: Route, endpoint: str, body: ModelRequest, deadline: float, policy: RetryPolicy,
-                 record: RequestRecord):  # fmt: skip
+                 record: RequestRecord, first_token_at: float | None = None):  # fmt: skip
         self.route, self.endpoint, self.body, self.deadline = route, endpoint, body, deadline
         self.policy, self.record = policy, record
+        self.first_token_at = first_token_at  # set where the chain finishes a stream that had its first token
         self.loop = asyncio.get_running_loop()
 
-    async def serve(self) -> Outcome:
+    async def serve(self, after: Target | None = None) -> Outcome:
+        """The first answer of the chain's targets (`after` is the one that failed before them, if any)."""
         last: TargetFailure | None = None
-        tried: Target | None = None
-        for target in self.route.targets:
-            if target.breaker.remaining():
+        tried = after
+        for position, target in enumerate(self.route.targets):
+            if await target.breaker.check():
                 log.info("skipping target %s: cooling down", target.name)
                 continue
             if tried is not None:
                 metrics.record_fallback(self.route.name, tried.name, target.name)
             tried = target
             try:
-                return await self._with_retries(target)
+                return self._finishing(await self._with_retries(target), target, self.route.targets[position + 1 :])
             except TargetFailure as failure:
                 log.warning("target %s failed (%s): %s", target.name, failure.status_code, failure.message)
-                if last is None or not isinstance(failure, CapabilityMismatch):
-                    last = _tagged(failure, target)  # a real failure says more than "cannot do that"
+                if last is None or _tells(failure) >= max(_tells(last), 1):
+                    last = _tagged(failure, target)
         raise self._exhausted(last)
 
     async def _with_retries(self, target: Target) -> Outcome:
@@ -247,17 +251,38 @@ class _Chain:
     async def _attempt(self, target: Target) -> Outcome:
         # Logs and metrics name the target that answered, or failed last.
         self.record.attempt(target.name, remote=isinstance(target, RemoteTarget))
+        self.record.first_token_at = self.first_token_at
         try:
             outcome = await target.serve(self.endpoint, self.body, self.deadline - self.loop.time())
         except TargetFailure as failure:
             self.record.usage_pending = False  # it answered with an error, or not at all: nothing to bill
-            if failure.unhealthy and target.breaker.failed():
+            if failure.unhealthy and await target.breaker.failed():
                 metrics.record_cooldown(target.name)
             raise
         except APIError as error:  # the request's own fault: no other target would do better
             self.record.usage_pending = False
+            if too_long(error):  # but one with a larger context window may hold it
+                raise PromptTooLong(error) from None
             raise _tagged(error, target) from None
-        target.breaker.succeeded()
+        await target.breaker.succeeded()
+        return outcome
+
+    def _finishing(self, outcome: Outcome, target: Target, rest: list[Target]) -> Outcome:
+        """With the model's `continue_on_failure`, a chat stream that breaks after output is finished by the rest of
+        the chain's targets that can continue an answer (gateway/routing/continuation.py)."""
+        if not self.route.continue_on_failure or outcome.events is None or outcome.endpoint != "chat/completions":
+            return outcome
+        continuing = [t for t in rest if _continues(t)]
+        if not continuing:
+            return outcome
+        route = replace(self.route, targets=continuing)
+
+        async def finish(body: ModelRequest) -> Outcome:
+            chain = _Chain(route, self.endpoint, body, self.deadline, self.policy, self.record,
+                           self.record.first_token_at)  # fmt: skip
+            return await chain.serve(after=target)
+
+        outcome.events = finishing(outcome.events, self.body, finish, self.record)
         return outcome
 
     def _wait(self, state: RetryCallState) -> float:
@@ -286,6 +311,23 @@ class _Chain:
             )  # fmt: skip
         last.headers = {**(last.headers or {}), "x-should-retry": "false"}
         return last
+
+
+def _tells(failure: TargetFailure) -> int:
+    """How much a failure tells as the final answer: a real failure most, a prompt too long for a target's window
+    more than another "cannot do that". Of two that tell alike the later is kept (further down a chain, a larger
+    window), but of two "cannot do that" the first."""
+    if isinstance(failure, PromptTooLong):
+        return 1
+    return 0 if isinstance(failure, CapabilityMismatch) else 2
+
+
+def _continues(target: Target) -> bool:
+    """Whether a target can go on from an answer's text: a local engine, or a provider configured as taking vLLM's
+    `continue_final_message`."""
+    if isinstance(target, LocalTarget):
+        return True
+    return isinstance(target.config, OpenAITargetConfig) and target.config.continue_final_message
 
 
 def _tagged(error: APIError, target: Target) -> APIError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,10 +38,50 @@ class LocalTargetConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class RemoteTargetConfig(Strict):
-    """A provider's HTTP API: what every kind of remote target is configured with."""
+def _http_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    # (Reading the port raises a ValueError for one out of range.)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
+        raise ValueError(f"a provider's URL must be an http:// or https:// URL, not {url!r}")
+    return url
 
-    base_url: str
+
+class EndpointConfig(Strict):
+    """One server of a target's pool (docs/routing.md#engine-pools)."""
+
+    url: str  # as a base_url
+    weight: float = Field(1, gt=0, le=1000, description="its share of the pool's requests, against the others'")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        return _http_url(url)
+
+
+class PoolPolicy(Strict):
+    """How a target spreads its requests over its `endpoints`, and how it finds one down."""
+
+    # Under each endpoint's URL ("models": {url}/models), or from its server's root ("/health").
+    health_path: str = Field("/health", min_length=1, max_length=200, pattern=r"^\S+$")
+    health_interval: float = Field(5, ge=0, le=3600, description="seconds between active checks; 0: none")
+    health_timeout: float = Field(2, gt=0, le=60)
+    eject_after: int = Field(3, ge=1, le=1000, description="consecutive failed requests that eject an endpoint")
+    eject_seconds: float = Field(30, ge=0, le=3600)
+    slow_return_seconds: float = Field(30, ge=0, le=3600, description="an endpoint back grows to its full share")
+    prefix_bytes: int = Field(2048, ge=16, le=1_000_000, description="of each message the affinity digest reads")
+    load_factor: float = Field(1.25, ge=1, le=100, description="affinity skips an endpoint past this times the mean")
+
+
+class RemoteTargetConfig(Strict):
+    """A provider's HTTP API: what every kind of remote target is configured with. One server (`base_url`), or a
+    pool of servers of the same model (`endpoints`, spread as `balance` says): one of the two."""
+
+    base_url: str | None = None
+    endpoints: list[EndpointConfig] | None = Field(None, min_length=1, max_length=64)
+    balance: Literal["affinity", "least_outstanding", "round_robin"] = "affinity"
+    pool: PoolPolicy = Field(default_factory=PoolPolicy)
     model: str  # the name the provider expects
     api_key_env: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
@@ -49,10 +90,29 @@ class RemoteTargetConfig(Strict):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http:// or https:// URL, not {url!r}")
-        return url
+    def _http(cls, url: str | None) -> str | None:
+        return _http_url(url)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _plain_urls(cls, endpoints: Any) -> Any:
+        """An endpoint written as its URL alone weighs 1."""
+        if isinstance(endpoints, list):
+            return [{"url": entry} if isinstance(entry, str) else entry for entry in endpoints]
+        return endpoints
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        if self.endpoints is None:
+            if self.base_url is None:
+                raise ValueError("a remote target needs a base_url (or endpoints)")
+            if {"balance", "pool"} & self.model_fields_set:
+                raise ValueError("balance and pool apply to a target with endpoints, not to one base_url")
+        elif "base_url" in self.model_fields_set:
+            raise ValueError("a remote target has a base_url or endpoints, not both")
+        else:
+            self.base_url = None  # a default one (Anthropic's) gives way to the pool
+        return self
 
     @field_validator("headers")
     @classmethod
@@ -66,7 +126,8 @@ class RemoteTargetConfig(Strict):
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise ValueError(f"environment variable {self.api_key_env} (api_key_env of {self.base_url}) is not set")
+            where = self.base_url or self.endpoints[0].url
+            raise ValueError(f"environment variable {self.api_key_env} (api_key_env of {where}) is not set")
         return _one_line(f"environment variable {self.api_key_env}", key)
 
 
@@ -76,13 +137,16 @@ class OpenAITargetConfig(RemoteTargetConfig):
     type: Literal["openai"]
     # Whether the provider serves /responses: then a Responses request goes to it as the client sent it.
     responses_api: bool = False
+    # Whether it continues a last assistant message given vLLM's `continue_final_message` (vLLM, llama-server, this
+    # gateway): then it may finish a stream that broke on another target (`continue_on_failure`).
+    continue_final_message: bool = False
 
 
 class AnthropicTargetConfig(RemoteTargetConfig):
     """Anthropic's Messages API (or one that speaks it): `base_url` is the API's root, as ANTHROPIC_BASE_URL."""
 
     type: Literal["anthropic"]
-    base_url: str = "https://api.anthropic.com"
+    base_url: str | None = "https://api.anthropic.com"
 
 
 def _one_line(what: str, text: str) -> str:
@@ -98,6 +162,8 @@ TargetConfig = Annotated[LocalTargetConfig | OpenAITargetConfig | AnthropicTarge
 class PublicModel(Strict):
     targets: list[str] = Field(..., min_length=1)
     aliases: list[str] = Field(default_factory=list)
+    # A chat stream that breaks after output goes on from its text on the next target that can continue it.
+    continue_on_failure: bool = False
 
 
 class RetryPolicy(Strict):
@@ -148,6 +214,12 @@ class GatewayConfig(Strict):
                 raise ValueError(f"tier {tier!r} names unknown model {model!r}")
         self.routes()  # duplicate names fail here, at start-up
         return self
+
+    def continuing(self) -> set[str]:
+        """The names (aliases and tiers too) whose broken streams are finished elsewhere (`continue_on_failure`)."""
+        models = {name for name, model in self.models.items() if model.continue_on_failure}
+        names = {name for model in models for name in [model, *self.models[model].aliases]}
+        return names | {tier for tier, model in self.tiers.items() if model in models}
 
     def routes(self) -> dict[str, list[str]]:
         """Every name a client may send (names, aliases, tiers) -> its chain of target names."""

@@ -16,12 +16,15 @@ Target = LocalTarget | RemoteTarget
 class Route:
     name: str
     targets: list[Target]
+    continue_on_failure: bool = False  # a broken chat stream is finished by a later target (continuation.py)
 
 
 class ModelRouter:
-    def __init__(self, targets: dict[str, Target] | None = None, chains: dict[str, list[str]] | None = None):
+    def __init__(self, targets: dict[str, Target] | None = None, chains: dict[str, list[str]] | None = None,
+                 continuing: set[str] = frozenset()):  # fmt: skip
         self._targets = targets or {}
-        self._routes = {name: Route(name, [self._targets[t] for t in chain]) for name, chain in (chains or {}).items()}
+        self._routes = {name: Route(name, [self._targets[t] for t in chain], name in continuing)
+                        for name, chain in (chains or {}).items()}  # fmt: skip
 
     def resolve(self, model: str) -> Route:
         try:

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Protocol
 
 from pydantic import BaseModel
 from pydantic_core import to_json
@@ -29,6 +29,7 @@ from gateway.errors import APIError, from_engine_error, invalid_param
 from gateway.models.lifecycle import ManagedModel
 from gateway.routing.breaker import Breaker
 from gateway.routing.config import AnthropicTargetConfig, OpenAITargetConfig, RemoteTargetConfig
+from gateway.routing.pool import Endpoint, Pool
 from gateway.telemetry.requests import current_request
 from gateway.telemetry.usage import END_EVENTS, StreamTally, record_body_usage
 from gateway.upstream.client import HttpClient, UpstreamResponse, UpstreamUnavailable
@@ -39,6 +40,7 @@ AUTH_STATUS = {401, 403}  # the provider refuses the gateway's own key
 # A stream's error event names its kind, not a status: Anthropic's kinds, as its HTTP answers would carry them.
 STREAM_ERROR_STATUS = {"invalid_request_error": 400, "request_too_large": 413, "rate_limit_error": 429,
                        "api_error": 500, "overloaded_error": 529}  # fmt: skip
+NOT_COUNTED = contextlib.nullcontext()  # a try at a target of one base_url: no pool counts it
 
 
 @dataclass
@@ -155,18 +157,23 @@ class RemoteTarget:
     kind = "openai"
     # Headers every request to this kind of provider carries (the config's own win).
     default_headers: Mapping[str, str] = {}
-    # The internal requests' endpoints it serves (a request of another protocol may still go to it natively).
-    endpoints = frozenset({"chat/completions", "completions", "embeddings"})
+    # The internal requests' endpoints it serves (a request of another protocol may still go to it natively);
+    # `rerank` at the base URL's /rerank, as vLLM, llama-server, Jina and Cohere serve it.
+    endpoints = frozenset({"chat/completions", "completions", "embeddings", "rerank"})
 
     def __init__(self, name: str, config: RemoteTargetConfig, client: HttpClient, breaker: Breaker):
         self.name, self.config, self.client, self.breaker = name, config, client, breaker
-        self.base_url = config.base_url.rstrip("/")
+        self.base_url = None if config.base_url is None else self._root(config.base_url)
         key = config.api_key()  # read once at start-up: a missing variable stops it there
         auth = self._auth(key) if key else {}
         # The body goes out encoded (bytes), so its type is ours to name, unless the config names one itself.
         own_type = any(name.lower() == "content-type" for name in config.headers)
         json_type = {} if own_type else {"Content-Type": "application/json"}
         self.headers = {**json_type, **self.default_headers, **config.headers, **auth}
+        self.pool = None if config.endpoints is None else Pool(
+            name, [Endpoint(i, self._root(e.url), e.weight) for i, e in enumerate(config.endpoints)], config.balance,
+            config.pool, self.headers,
+        )  # fmt: skip
         # The client protocols it takes as they are: their requests go to it natively.
         self.native = {"responses"} if isinstance(config, OpenAITargetConfig) and config.responses_api else set()
 
@@ -174,26 +181,84 @@ class RemoteTarget:
     def _auth(key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
+    @staticmethod
+    def _root(url: str) -> str:
+        """Where the provider's endpoints are, for a configured URL."""
+        return url.rstrip("/")
+
     async def serve(self, endpoint: str, body: ModelRequest, remaining: float) -> Outcome:
         exchange = self._exchange(endpoint, body)
-        payload = exchange.payload
-        payload["model"] = self.config.model
+        exchange.payload["model"] = self.config.model
         # Another gateway (or any server that reads it) stops at the same deadline as this one.
         headers = {**self.headers, "x-request-timeout": f"{remaining:.3f}"}
-        url = f"{self.base_url}/{exchange.endpoint}"
-        if payload.get("stream"):
+        if self.pool is None:
+            return await self._send(self.base_url, exchange, headers, body)
+        return await self._pooled(exchange, headers, body)
+
+    async def _pooled(self, exchange: _Exchange, headers: dict[str, str], body: ModelRequest) -> Outcome:
+        """A try on the endpoint of the pool its balance picks; after a failure worth retrying (the request did not
+        reach it, or it answered a retryable status), on another at once, while one is left."""
+        key = self.pool.affinity_key(exchange.endpoint, exchange.payload)
+        tried: list[Endpoint] = []
+        last: TargetFailure | None = None
+        while (server := self.pool.pick(key, tried)) is not None:
+            tried.append(server)
+            try:
+                return await self._send(server.url, exchange, headers, body, server)
+            except TargetFailure as failure:
+                if not failure.retry_here:
+                    raise
+                last = failure
+        raise last or self._no_endpoint()
+
+    async def _send(self, base_url: str, exchange: _Exchange, headers: dict[str, str], body: ModelRequest,
+                    server: Endpoint | None = None) -> Outcome:  # fmt: skip
+        """One try at `base_url`: a pool's `server`, counted in its pool until the answer or the stream ends."""
+        url = f"{base_url}/{exchange.endpoint}"
+        # pydantic-core's JSON encoder and decoder (tally.py) take a fifth to a third of the json module's time
+        data = to_json(exchange.payload)
+        if exchange.payload.get("stream"):
             tally = StreamTally(current_request(), client_wants_usage=body.wants_usage())
-            events = self._events(url, to_json(payload), headers, tally, exchange.adapter)
+            events = self._events(url, data, headers, tally, exchange.adapter)
+            if server is not None:  # inside `primed`, which starts it: it counts the stream until it is closed
+                events = self._counted_events(server, events)
             return Outcome(self.name, exchange.answers, events=await primed(events))
-        try:  # pydantic-core's JSON encoder and decoder (tally.py) take a fifth to a third of the json module's time
-            async with self._post(url, to_json(payload), headers) as response:
-                content = await self._read_ok(response)
-        except UpstreamUnavailable as error:
-            raise self._unreachable(error) from error
+        with NOT_COUNTED if server is None else self._counted(server):
+            try:
+                async with self._post(url, data, headers) as response:
+                    content = await self._read_ok(response)
+            except UpstreamUnavailable as error:
+                raise self._unreachable(error, url) from error
         record_body_usage(current_request(), content)
         if exchange.adapter is not None:
             content = exchange.adapter.response(content)
         return Outcome(self.name, exchange.answers, body=content)
+
+    @contextlib.contextmanager
+    def _counted(self, server: Endpoint) -> Iterator[None]:
+        """A request in flight to a pool endpoint, and whether it failed there."""
+        self.pool.start(server)
+        failed = False
+        try:
+            yield
+        except BaseException as error:
+            failed = _endpoint_fault(error)
+            raise
+        finally:
+            self.pool.finish(server, failed)
+
+    async def _counted_events(self, server: Endpoint, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        with self._counted(server):
+            async with contextlib.aclosing(events):
+                async for data in events:
+                    yield data
+
+    def _no_endpoint(self) -> TargetFailure:
+        error = APIError(
+            503, f"No endpoint of target '{self.name}' is available: each is ejected after failures or failing its "
+            "health check.", type="server_error", code="endpoints_unavailable",
+        )  # fmt: skip
+        return TargetFailure(error, retry_here=False, unhealthy=True)
 
     def _exchange(self, endpoint: str, body: ModelRequest) -> _Exchange:
         """The client's own request where this provider speaks its protocol, else the internal one."""
@@ -239,7 +304,7 @@ class RemoteTarget:
                             if tally.passes(data):
                                 yield data
         except UpstreamUnavailable as error:
-            raise self._unreachable(error) from error
+            raise self._unreachable(error, url) from error
         finally:
             tally.settle()
         if not tally.finished:
@@ -298,17 +363,18 @@ class RemoteTarget:
         )  # fmt: skip
         return TargetFailure(error, retry_here=False, unhealthy=True)
 
-    def _unreachable(self, error: UpstreamUnavailable) -> TargetFailure:
+    def _unreachable(self, error: UpstreamUnavailable, url: str) -> TargetFailure:
         status = 504 if error.timed_out else 502
         # The provider's address goes to the log only: clients learn the target's name, not where it is.
-        log.warning("target %s at %s: %s", self.name, self.base_url, error)
+        log.warning("target %s at %s: %s", self.name, url, error)
         api_error = APIError(status, f"target {self.name!r} {error}", type="server_error", code="upstream_unavailable")
         # Never sent to the same provider again once it may have reached it (POST is not idempotent); the next
         # target in the chain may still serve it.
         return TargetFailure(api_error, retry_here=not error.sent, unhealthy=True)
 
     def health(self) -> dict:
-        return {"type": self.kind, "base_url": self.base_url, **self.breaker.health()}
+        where = {"base_url": self.base_url} if self.pool is None else {"endpoints": self.pool.health()}
+        return {"type": self.kind, **where, **self.breaker.health()}
 
 
 class AnthropicTarget(RemoteTarget):
@@ -322,13 +388,16 @@ class AnthropicTarget(RemoteTarget):
     def __init__(self, name: str, config: AnthropicTargetConfig, client: HttpClient, breaker: Breaker,
                  adapter: ProviderAdapter):  # fmt: skip
         super().__init__(name, config, client, breaker)
-        self.base_url = self.base_url.removesuffix("/v1") + "/v1"  # the API's root, written with /v1 or without
         self.adapter = adapter
         self.native = {"messages", "messages/count_tokens"}
 
     @staticmethod
     def _auth(key: str) -> dict[str, str]:
         return {"x-api-key": key}
+
+    @staticmethod
+    def _root(url: str) -> str:
+        return url.rstrip("/").removesuffix("/v1") + "/v1"  # the API's root, written with /v1 or without
 
     def _translated(self, endpoint: str, body: ModelRequest) -> _Exchange:
         try:
@@ -338,6 +407,14 @@ class AnthropicTarget(RemoteTarget):
                 raise
             raise CapabilityMismatch(error) from None
         return _Exchange(self.adapter.endpoint, payload, endpoint, self.adapter)
+
+
+def _endpoint_fault(error: BaseException) -> bool:
+    """Whether a failed try counts against the pool endpoint it went to: unreachable, a 5xx or 429, a cut stream;
+    not the request's own fault (a 400), nor a cancellation."""
+    if isinstance(error, TargetFailure):
+        return error.unhealthy
+    return isinstance(error, APIError) and error.status_code >= 500
 
 
 def _error_detail(body: Any) -> dict | None:

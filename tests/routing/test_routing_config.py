@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from gateway.front.keys import KeyLimits, KeyRing
 from gateway.routing.breaker import Breaker
 from gateway.routing.config import ApiKey, GatewayConfig, load_config
 from gateway.settings import PROJECT_ROOT
+from gateway.state.local import LocalCircuit, LocalState, LocalWindow
 
 EXAMPLES = sorted((PROJECT_ROOT / "configs").glob("gateway*.yaml"))
 
@@ -57,35 +59,43 @@ def test_invalid_configs_are_refused_with_a_reason(changes, message):
 
 
 def test_breaker_cools_after_consecutive_failures_and_recovers():
-    breaker = Breaker(failures_to_cool=2, cooldown=1.0)  # a second: still cooling when checked, on any load
-    assert breaker.failed() is False and not breaker.remaining()
-    assert breaker.failed() is True and breaker.remaining() > 0
-    assert breaker.health()["state"] == "cooling"
-    time.sleep(1.05)
-    assert breaker.health()["state"] == "ok"
-    assert breaker.failed() is True  # one failure after a cooldown cools it again
-    breaker.succeeded()
-    assert breaker.health() == {"state": "ok", "consecutive_failures": 0, "cooldown_remaining_s": 0.0}
+    breaker = Breaker(LocalCircuit(failures_to_cool=2, cooldown=1.0))  # a second: still cooling when checked
+
+    async def scenario():
+        assert await breaker.failed() is False and not breaker.remaining()
+        assert await breaker.failed() is True and breaker.remaining() > 0
+        assert breaker.health()["state"] == "cooling"
+        time.sleep(1.05)
+        assert breaker.health()["state"] == "ok" and await breaker.check() == 0
+        assert await breaker.failed() is True  # one failure after a cooldown cools it again
+        await breaker.succeeded()
+        assert breaker.health() == {"state": "ok", "consecutive_failures": 0, "cooldown_remaining_s": 0.0}
+
+    asyncio.run(scenario())
 
 
 def test_key_ring_matches_only_exact_keys(monkeypatch):
     monkeypatch.setenv("KEY_FROM_ENV", "sk-env")
-    ring = KeyRing([ApiKey(key="sk-one"), ApiKey(key_env="KEY_FROM_ENV")])
+    ring = KeyRing([ApiKey(key="sk-one"), ApiKey(key_env="KEY_FROM_ENV")], LocalState())
     assert ring.match("sk-one") is not None and ring.match("sk-env") is not None
     assert ring.match("sk-on") is None and ring.match("sk-one ") is None and ring.match("") is None
-    assert not KeyRing([])
+    assert not KeyRing([], LocalState())
 
 
 def test_limits_count_requests_and_tokens_per_minute():
-    requests = KeyLimits(requests_per_minute=2, tokens_per_minute=None)
-    requests.admit()
-    requests.admit()
-    with pytest.raises(APIError) as error:
-        requests.admit()
-    assert (error.value.status_code, error.value.code, error.value.type) == (429, "rate_limit_exceeded", "requests")
-    tokens = KeyLimits(requests_per_minute=None, tokens_per_minute=100)
-    tokens.admit()
-    tokens.charge(100)
-    with pytest.raises(APIError) as error:
-        tokens.admit()
-    assert error.value.type == "tokens" and int(error.value.headers["Retry-After"]) >= 1
+    requests = LocalWindow(requests_per_minute=2, tokens_per_minute=None)
+    tokens = LocalWindow(requests_per_minute=None, tokens_per_minute=100)
+
+    async def scenario():
+        await KeyLimits.admit(requests)
+        await KeyLimits.admit(requests)
+        with pytest.raises(APIError) as refused:
+            await KeyLimits.admit(requests)
+        assert (refused.value.status_code, refused.value.code, refused.value.type) == (
+            429, "rate_limit_exceeded", "requests")  # fmt: skip
+        await (await KeyLimits.admit(tokens)).settle(100)
+        with pytest.raises(APIError) as refused:
+            await KeyLimits.admit(tokens)
+        assert refused.value.type == "tokens" and int(refused.value.headers["Retry-After"]) >= 1
+
+    asyncio.run(scenario())

@@ -1,9 +1,9 @@
 """The import graph of gateway/: layers run one way, no cycles, no reaching into another package's private names.
 
 Layers, top to bottom (docs/architecture.md): the app factory and CLI; the protocol front ends (api/); the HTTP
-front (front/); the routing chain (routing/); the request and stream core (core/); upstream clients and local
-models (upstream/, models/); telemetry (telemetry/); settings and errors. A module imports its own package and
-the layers below it, never one above.
+front (front/); the routing chain (routing/); the request and stream core (core/); upstream clients, local
+models and the state replicas share (upstream/, models/, state/); telemetry (telemetry/); settings and errors. A
+module imports its own package and the layers below it, never one above.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ LAYERS = [
     {"front"},
     {"routing"},
     {"core"},
-    {"upstream", "models"},
+    {"upstream", "models", "state"},
     {"telemetry"},
     {"settings", "errors", "__init__"},
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gateway.api.responses.store import ResponseStore
+from gateway.api.responses.store import ResponseStore, SqliteResponses
 
 
 def _response(text: str) -> str:
@@ -13,7 +13,7 @@ def _response(text: str) -> str:
 
 
 def test_each_key_reads_only_its_own_and_a_repeated_id_replaces(tmp_path):
-    store = ResponseStore(tmp_path / "r.sqlite3", max_count=10, max_age_s=3600)
+    store = ResponseStore(SqliteResponses(tmp_path / "r.sqlite3", max_count=10, max_age_s=3600))
 
     async def scenario():
         await store.put("alice", "resp_1", _response("first"), "[]")
@@ -26,7 +26,7 @@ def test_each_key_reads_only_its_own_and_a_repeated_id_replaces(tmp_path):
 
 
 def test_the_oldest_go_first_past_the_count_and_the_expired_are_gone(tmp_path):
-    store = ResponseStore(tmp_path / "r.sqlite3", max_count=2, max_age_s=3600)
+    store = ResponseStore(SqliteResponses(tmp_path / "r.sqlite3", max_count=2, max_age_s=3600))
 
     async def scenario():
         for n in range(3):
@@ -34,5 +34,5 @@ def test_the_oldest_go_first_past_the_count_and_the_expired_are_gone(tmp_path):
         return [await store.get("k", f"resp_{n}") is not None for n in range(3)]
 
     assert asyncio.run(scenario()) == [False, True, True]
-    expired = ResponseStore(tmp_path / "r.sqlite3", max_count=2, max_age_s=0)
+    expired = ResponseStore(SqliteResponses(tmp_path / "r.sqlite3", max_count=2, max_age_s=0))
     assert asyncio.run(expired.get("k", "resp_2")) is None

@@ -22,7 +22,7 @@ from gateway.api.responses.protocol import (
     ResponseObject,
     ResponsesRequest,
 )
-from gateway.api.responses.store import ResponseStore, store_at
+from gateway.api.responses.store import ResponseStore
 from gateway.api.responses.translate import (
     ChatTranslation,
     ResponseWriter,
@@ -210,6 +210,4 @@ def _not_found(response_id: str) -> APIError:
 
 
 def _store(request: Request) -> ResponseStore:
-    settings = request.app.state.settings
-    return store_at(settings.data_dir / "responses.sqlite3", settings.responses_max_stored,
-                    settings.responses_max_age_days * 86400)  # fmt: skip
+    return request.app.state.responses  # SQLite, or Redis shared by replicas: the app factory wires it

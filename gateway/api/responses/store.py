@@ -1,8 +1,9 @@
-"""The stored responses: an SQLite file in LLM_DATA_DIR that outlives restarts, bounded by count and by age (the oldest
-go first), each response readable only by the API key that made it (its `owner`).
+"""The stored responses, bounded by count and by age (the oldest go first), each readable only by the API key that
+made it (its `owner`): in an SQLite file in LLM_DATA_DIR that outlives restarts (`SqliteResponses`), or in Redis,
+shared by the replicas (LLM_REDIS_URL; gateway/state/), as the app factory wires it.
 
-Every call runs on a worker thread (`asyncio.to_thread`) with a connection of its own: SQLite's write-ahead log lets
-readers go on while one writes, and the event loop never waits on the disk.
+Every SQLite call runs on a worker thread (`asyncio.to_thread`) with a connection of its own: SQLite's write-ahead log
+lets readers go on while one writes, and the event loop never waits on the disk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic_core import from_json
+
+from gateway.state.shared import Responses
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -43,6 +46,31 @@ class StoredResponse:
 
 
 class ResponseStore:
+    """What the Responses front end keeps and reads, wherever `responses` keeps it."""
+
+    def __init__(self, responses: Responses):
+        self.responses = responses
+
+    async def put(self, owner: str, response_id: str, response: str, input: str) -> None:
+        await self.responses.put(owner, response_id, response, input)
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
+        """The response if `owner` stored it and it has not expired; None otherwise, whoever else stored it."""
+        found = await self.responses.get(owner, response_id)
+        return None if found is None else StoredResponse(*found)
+
+    async def conversation(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
+        """The items a request that continues from the response comes after, as `get` finds it."""
+        stored = await self.get(owner, response_id)
+        return None if stored is None else stored.conversation()
+
+    async def delete(self, owner: str, response_id: str) -> bool:
+        return await self.responses.delete(owner, response_id)
+
+
+class SqliteResponses:
+    """This process's own store (a `Responses`): one SQLite file."""
+
     def __init__(self, path: Path, max_count: int, max_age_s: float):
         self.path, self.max_count, self.max_age_s = path, max_count, max_age_s
         self._ready = False  # the file and its table exist
@@ -50,18 +78,8 @@ class ResponseStore:
     async def put(self, owner: str, response_id: str, response: str, input: str) -> None:
         await asyncio.to_thread(self._put, owner, response_id, response, input)
 
-    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        """The response if `owner` stored it and it has not expired; None otherwise, whoever else stored it."""
+    async def get(self, owner: str, response_id: str) -> tuple[str, str] | None:
         return await asyncio.to_thread(self._get, owner, response_id)
-
-    async def conversation(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
-        """The items a request that continues from the response comes after, as `get` finds it."""
-
-        def read() -> list[dict[str, Any]] | None:
-            stored = self._get(owner, response_id)
-            return None if stored is None else stored.conversation()
-
-        return await asyncio.to_thread(read)
 
     async def delete(self, owner: str, response_id: str) -> bool:
         return await asyncio.to_thread(self._delete, owner, response_id)
@@ -76,13 +94,13 @@ class ResponseStore:
             db.execute("DELETE FROM responses WHERE seq <= ? OR created_at < ?", (seq - self.max_count,
                                                                                   now - self.max_age_s))  # fmt: skip
 
-    def _get(self, owner: str, response_id: str) -> StoredResponse | None:
+    def _get(self, owner: str, response_id: str) -> tuple[str, str] | None:
         with self._db() as db:
             row = db.execute(
                 "SELECT response, input FROM responses WHERE id = ? AND owner = ? AND created_at >= ?",
                 (response_id, owner, time.time() - self.max_age_s),
             ).fetchone()
-        return None if row is None else StoredResponse(*row)
+        return row
 
     def _delete(self, owner: str, response_id: str) -> bool:
         with self._db() as db:
@@ -104,6 +122,6 @@ class ResponseStore:
 
 
 @functools.cache
-def store_at(path: Path, max_count: int, max_age_s: float) -> ResponseStore:
+def sqlite_at(path: Path, max_count: int, max_age_s: float) -> SqliteResponses:
     """The one store of a file (for every app of this process that names it)."""
-    return ResponseStore(path, max_count, max_age_s)
+    return SqliteResponses(path, max_count, max_age_s)
