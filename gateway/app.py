@@ -13,17 +13,17 @@ from starlette.types import ASGIApp
 
 from engines import DEFAULT_EMBEDDING_MODELS, create_engine
 from engines.base import EngineConfig
-from gateway.api import chat, completions, embeddings, health, models, responses, tokenize
+from gateway.api import chat, completions, embeddings, health, models, rerank, responses, tokenize
 from gateway.api import metrics as metrics_api
 from gateway.api.messages import routes as messages
 from gateway.api.messages.provider import AnthropicTranslation
 from gateway.api.protocol import apply_limits
+from gateway.api.responses.store import ResponseStore, sqlite_at
 from gateway.errors import install_error_handlers
 from gateway.front.body import BodyGuard, OwnBodyLane, include_body_schemas
 from gateway.front.keys import ApiKeyMiddleware, KeyRing
-from gateway.models import devices
 from gateway.models.download import ModelDownload
-from gateway.models.governor import MB, MemoryGovernor
+from gateway.models.governor import memory_governor
 from gateway.models.lifecycle import ManagedModel, ModelManager
 from gateway.models.registry import ModelRegistry, ResolvedModel, estimate_bytes, what_would_fit
 from gateway.routing.breaker import Breaker
@@ -37,9 +37,12 @@ from gateway.routing.config import (
     load_config,
     simple_config,
 )
+from gateway.routing.pool import Pool
 from gateway.routing.router import ModelRouter
 from gateway.routing.targets import AnthropicTarget, LocalHandler, LocalTarget, ProviderAdapter, RemoteTarget
 from gateway.settings import Settings
+from gateway.state.local import LocalState
+from gateway.state.shared import SharedState
 from gateway.telemetry import metrics, tracing
 from gateway.telemetry.requests import RequestIdMiddleware
 from gateway.upstream.client import Limits, create_http_client
@@ -59,6 +62,7 @@ LOCAL_HANDLERS: dict[str, LocalHandler] = {
     "chat/completions": chat.serve_locally,
     "completions": completions.serve_locally,
     "embeddings": embeddings.serve_locally,
+    "rerank": rerank.serve_locally,
     "messages/count_tokens": messages.count_locally,  # a token count: the prompt rendered, never generated
 }
 # How a `type: anthropic` target is sent the internal chat request: the Messages front end's translation.
@@ -70,14 +74,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = GatewayApp(title="local-llm-gateway", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
     # On the request models, which every app in this process shares.
-    apply_limits(settings, (*tokenize.LIMITED_MODELS, *messages.LIMITED_MODELS, *responses.LIMITED_MODELS))
+    apply_limits(settings, (*tokenize.LIMITED_MODELS, *messages.LIMITED_MODELS, *responses.LIMITED_MODELS,
+                            *rerank.LIMITED_MODELS))
     app.state.router = ModelRouter()  # filled at start-up
-    app.state.keys = KeyRing([])
+    app.state.keys = KeyRing([], LocalState())
     app.state.retry = RetryPolicy()
     app.state.started = int(time.time())
     metrics.install(metrics.EngineCollector(lambda: [e.info() for e in app.state.router.engines()],
                                             lambda: _memory_gauges(app)))  # fmt: skip
-    for module in (chat, completions, embeddings, models, health, metrics_api, tokenize, messages, responses):
+    metrics.install(metrics.PoolCollector(lambda: [c for pool in _pools(app.state.router) for c in pool.counts()]))
+    for module in (chat, completions, embeddings, rerank, models, health, metrics_api, tokenize, messages, responses):
         app.include_router(module.router)
     include_body_schemas(app)
     install_error_handlers(app)
@@ -88,8 +94,10 @@ def _memory_gauges(app: FastAPI) -> dict[str, float]:
     if not hasattr(app.state, "models"):  # before start-up
         return {}
     state = app.state.models.state()
+    warm = state["warm_pool"]
     return {"budget_bytes": state["budget_bytes"], "used_bytes": state["used_bytes"],
-            "pressure_ratio": state["used_bytes"] / state["budget_bytes"]}  # fmt: skip
+            "pressure_ratio": state["used_bytes"] / state["budget_bytes"],
+            "warm_pool_budget_bytes": warm["budget_bytes"], "warm_pool_used_bytes": warm["used_bytes"]}  # fmt: skip
 
 
 def resolve_local(settings: Settings, registry: ModelRegistry, target: LocalTargetConfig,
@@ -149,13 +157,8 @@ def gateway_config(settings: Settings, registry: ModelRegistry) -> GatewayConfig
     return simple_config(settings, resolved.served_name, embedding_model(settings))
 
 
-def memory_governor(settings: Settings) -> MemoryGovernor:
-    """GPU memory when models run on CUDA, else the RAM budget."""
-    gpu = devices.gpu() if settings.gpu_layers else None
-    if gpu is not None:
-        return MemoryGovernor(gpu.total_bytes, f"cuda ({gpu.name})")
-    budget = settings.memory_budget_mb * MB if settings.memory_budget_mb else int(devices.ram_bytes() * 0.8)
-    return MemoryGovernor(budget, "cpu")
+# A local target's `options.task` → the kind of model it is (a chat model when it names none).
+MODEL_KINDS = {"embed": "embedding", "rerank": "rerank"}
 
 
 def managed_model(settings: Settings, registry: ModelRegistry, manager: ModelManager,
@@ -167,8 +170,28 @@ def managed_model(settings: Settings, registry: ModelRegistry, manager: ModelMan
         resolved.served_name, lambda: create_engine(engine_name, config),
         estimate_bytes(resolved.entry, resolved.path), manager,
         suggest=lambda free: what_would_fit(registry, resolved.entry, free), prepare=prepare,
-        tool_format=target.options.get("tool_parser"),
+        tool_format=target.options.get("tool_parser"), kind=MODEL_KINDS.get(target.options.get("task"), "chat"),
     )  # fmt: skip
+
+
+def shared_state(settings: Settings) -> SharedState:
+    """Where replicas keep what they must agree on (limits, cooldowns, stored responses): Redis with LLM_REDIS_URL,
+    else each process."""
+    if settings.redis_url is None:
+        return LocalState()
+    try:
+        from gateway.state.redis_state import RedisState  # the optional `redis` extra
+    except ImportError as error:
+        raise SystemExit(f"LLM_REDIS_URL needs the redis package: pip install 'local-llm-gateway[redis]' ({error})")
+    # A hold outlives any request (the longest deadline): one whose replica died lapses after it.
+    lease = max(settings.request_timeout, settings.max_request_timeout) + 60
+    return RedisState(settings.redis_url, settings.redis_timeout, settings.redis_fail_open, lease)
+
+
+def response_store(settings: Settings, state: SharedState) -> ResponseStore:
+    max_age = settings.responses_max_age_days * 86400
+    own = sqlite_at(settings.data_dir / "responses.sqlite3", settings.responses_max_stored, max_age)
+    return ResponseStore(state.responses(own, settings.responses_max_stored, max_age))
 
 
 @contextlib.asynccontextmanager
@@ -177,7 +200,10 @@ async def _lifespan(app: FastAPI):
     registry = ModelRegistry.load(settings.registry)
     config = gateway_config(settings, registry)
     app.state.retry = config.retry
-    app.state.keys = KeyRing(config.api_keys + env_api_keys(settings))
+    state = shared_state(settings)
+    await state.start()
+    app.state.keys = KeyRing(config.api_keys + env_api_keys(settings), state)
+    app.state.responses = response_store(settings, state)
     needs_http = any(isinstance(t, RemoteTargetConfig) for t in config.targets.values())
     limits = Limits(settings.upstream_max_body_bytes, settings.upstream_max_line_bytes)
     http = create_http_client(settings.http_client, limits) if needs_http else None
@@ -186,7 +212,7 @@ async def _lifespan(app: FastAPI):
     )
     targets: dict = {}
     for name, target in config.targets.items():
-        breaker = Breaker(config.retry.failures_to_cool, config.retry.cooldown)
+        breaker = Breaker(state.circuit(name, config.retry.failures_to_cool, config.retry.cooldown))
         if isinstance(target, LocalTargetConfig):
             model = managed_model(settings, registry, manager, target)
             manager.add(model)
@@ -195,7 +221,7 @@ async def _lifespan(app: FastAPI):
             targets[name] = AnthropicTarget(name, target, http, breaker, ANTHROPIC_ADAPTER)
         else:
             targets[name] = RemoteTarget(name, target, http, breaker)
-    app.state.router = ModelRouter(targets, config.routes())
+    app.state.router = ModelRouter(targets, config.routes(), config.continuing())
     app.state.models = manager
     app.state.default_model = next(iter(config.models))
     tracing.configure()
@@ -205,6 +231,8 @@ async def _lifespan(app: FastAPI):
     chains = [app.state.router.resolve(name).targets for name in preloaded]
     tasks = [asyncio.create_task(_preload(t.model)) for c in chains for t in c if isinstance(t, LocalTarget)]
     tasks.append(asyncio.create_task(manager.run_sweeper()))
+    # Engine pools' active health checks.
+    tasks += [asyncio.create_task(p.run_checks()) for p in _pools(app.state.router) if p.policy.health_interval]
     gc.collect()
     gc.freeze()
     try:
@@ -216,7 +244,13 @@ async def _lifespan(app: FastAPI):
         await manager.close()
         if http is not None:
             await http.close()
+        await state.close()
         tracing.shutdown()
+
+
+def _pools(router: ModelRouter) -> list[Pool]:
+    """The engine pools of remote targets with `endpoints`."""
+    return [t.pool for t in router.targets() if isinstance(t, RemoteTarget) and t.pool is not None]
 
 
 async def _preload(model: ManagedModel) -> None:

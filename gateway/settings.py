@@ -61,13 +61,17 @@ class Settings(BaseSettings):
         2048, ge=1, description="messages in a chat request; also content parts or tool calls in one message"
     )
     max_prompt_chars: int = Field(
-        2_000_000, ge=1, description="characters of text in a request's messages, prompts or embedding inputs"
+        2_000_000, ge=1, description="characters of text in a request's messages, prompts, embedding inputs or "
+        "rerank pairs (the query counted once per document)"
     )
     max_logit_bias: int = Field(300, ge=0, description="logit_bias entries in a request (OpenAI's limit)")
     max_choices: int = Field(
         128, ge=1, description="sequences one request generates: n, times the prompts of a /v1/completions request"
     )
     max_embedding_inputs: int = Field(2048, ge=1, description="inputs of one /v1/embeddings request (OpenAI's limit)")
+    max_rerank_documents: int = Field(
+        1000, ge=1, description="documents of one /v1/rerank request (Cohere's recommended limit)"
+    )
     max_input_tokens: int = Field(
         300_000, ge=1, description="token ids in a request's prompts or embedding inputs (OpenAI's embeddings limit)"
     )
@@ -87,6 +91,20 @@ class Settings(BaseSettings):
     )
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute per key from LLM_API_KEYS")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens per minute per key from LLM_API_KEYS")
+    redis_url: str | None = Field(
+        None, pattern=r"^(redis|rediss|unix)://", max_length=2048,
+        description="a Redis server the gateway's replicas share (redis://host:port/db; rediss:// for TLS): "
+        "per-key rate limits, target cooldowns and stored responses live there (unset: in each process)"
+    )
+    redis_timeout: float = Field(
+        0.25, gt=0, le=10, description="seconds one Redis call may take; past it, or on an error, Redis counts as "
+        "unreachable and each replica uses its own state until Redis answers again (probed every second)"
+    )
+    redis_fail_open: bool = Field(
+        False, description="rate limits while Redis is unreachable: false enforces each key's limits from each "
+        "replica's own count (N replicas may admit up to N times a limit, never more); true enforces none until "
+        "Redis answers again. Cooldowns and stored responses fall back to each replica's own either way"
+    )
     http_client: str = Field("http1", description="upstream HTTP client: http1 | aiohttp | httpx")
     upstream_max_body_bytes: int = Field(
         32 << 20, ge=1024, description="bytes of a provider's answer read whole (a body, not a stream) before 502"
@@ -95,7 +113,14 @@ class Settings(BaseSettings):
         1 << 20, ge=1024, description="bytes of one line of a provider's stream (an SSE event) before 502"
     )
     unload_after_seconds: float = Field(300, ge=0, description="unload a model idle this long (0: never)")
-    memory_budget_mb: int | None = Field(None, ge=1, description="RAM for models without CUDA (default: 80 percent)")
+    memory_budget_mb: int | None = Field(
+        None, ge=1, description="memory for models: RAM without CUDA (default: 80 percent); on CUDA a cap below the "
+        "GPU's memory (default: all of it)"
+    )
+    warm_pool_mb: int | None = Field(
+        None, ge=0, description="host RAM for embedding models and rerankers moved off the GPU under memory pressure "
+        "(default: 25 percent of RAM; 0: unload them instead; no effect without CUDA)"
+    )
     load_wait_seconds: float = Field(60, ge=0, description="how long a request waits for its model to load before 503")
     stall_after: float = Field(
         120, gt=0, description="seconds one engine step may run before /health and /ready report the model stalled"

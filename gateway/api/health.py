@@ -17,10 +17,11 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     router = request.app.state.router
-    engines = [dataclasses.asdict(engine.info()) for engine in router.engines()]
+    engines = [{**dataclasses.asdict(model.info()), "kind": model.kind, "location": model.location()}
+               for model in router.engines()]  # fmt: skip
     states = {e["state"] for e in engines}
-    # an unloaded model is fine: it loads again on its next request
-    status = "ok" if states <= {"ready", "unloaded"} else "error" if "failed" in states else "loading"
+    # an unloaded model is fine: it loads again on its next request; one in the warm pool moves back on it
+    status = "ok" if states <= {"ready", "unloaded", "offloaded"} else "error" if "failed" in states else "loading"
     if "stalled" in states:  # an engine stuck inside one step answers nothing more: let an orchestrator see it
         status = "stalled"
     first = engines[0] if engines else {}
@@ -44,6 +45,8 @@ def _targets(request: Request) -> dict[str, dict]:
     if not with_urls:
         for state in targets.values():
             state.pop("base_url", None)
+            for endpoint in state.get("endpoints", ()):  # an engine pool's
+                endpoint.pop("url")
     return targets
 
 
@@ -65,8 +68,8 @@ async def root() -> dict:
         "name": "local-llm-gateway",
         "openai_base_url": "/v1",
         "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-                      "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize", "/health",
-                      "/ready", "/metrics"],
+                      "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/models", "/tokenize", "/detokenize",
+                      "/health", "/ready", "/metrics"],
         "docs": "/docs",
         "openapi": "/openapi.json",
     }  # fmt: skip

@@ -17,8 +17,7 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    created = request.app.state.started
-    return ModelList(data=[ModelCard(id=name, created=created) for name in request.app.state.router.names()])
+    return ModelList(data=[_card(request, name) for name in request.app.state.router.names()])
 
 
 @router.post("/v1/models/{model_id:path}/load", response_model=ModelState)
@@ -42,8 +41,14 @@ async def unload_model(model_id: str, request: Request) -> ModelState:
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    request.app.state.router.resolve(model_id)  # 404 model_not_found when unknown
-    return ModelCard(id=model_id, created=request.app.state.started)
+    return _card(request, model_id)
+
+
+def _card(request: Request, name: str) -> ModelCard:
+    """A public name's card, with the kind of the first local model in its chain (404 model_not_found when
+    unknown)."""
+    local = _first_local(request.app.state.router.resolve(name).targets)
+    return ModelCard(id=name, created=request.app.state.started, kind=local.kind if local else None)
 
 
 def _require_admin(request: Request) -> None:
@@ -56,12 +61,16 @@ def _local_model(request: Request, model_id: str) -> ManagedModel:
     model = request.app.state.models.get(model_id)
     if model is not None:
         return model
-    route = request.app.state.router.resolve(model_id)  # 404 model_not_found when unknown
-    local = next((t.model for t in route.targets if isinstance(t, LocalTarget)), None)
+    local = _first_local(request.app.state.router.resolve(model_id).targets)  # 404 model_not_found when unknown
     if local is None:
         raise invalid_param("model", f"Model '{model_id}' is served by remote targets only; nothing to load.")
     return local
 
 
+def _first_local(targets: list) -> ManagedModel | None:
+    return next((target.model for target in targets if isinstance(target, LocalTarget)), None)
+
+
 def _state(model: ManagedModel) -> ModelState:
-    return ModelState(id=model.served_name, state=model.state, memory_bytes=model.footprint())
+    return ModelState(id=model.served_name, state=model.state, location=model.location(),
+                      memory_bytes=model.footprint() or model.warm_bytes())  # fmt: skip

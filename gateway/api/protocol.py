@@ -345,6 +345,10 @@ class ChatCompletionRequest(SamplingFields):
     functions: Annotated[list[FunctionDefinition], at_most(MAX_TOOLS)] | None = None  # deprecated for tools
     function_call: Literal["none", "auto"] | ToolName | None = None  # deprecated for tool_choice
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # vLLM's: the prompt ends inside the last message, an assistant's, and the answer goes on from its text (no new
+    # turn is opened: add_generation_prompt false). How a stream broken on one target is finished on another.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     # For remote targets only (REMOTE_ONLY_CHAT_FIELDS).
     audio: AudioOutput | None = None
     modalities: Annotated[list[Literal["text", "audio"]], at_most(2)] | None = None
@@ -389,6 +393,20 @@ class ChatCompletionRequest(SamplingFields):
                 raise invalid_param(f"messages[{index}].tool_call_id", "A 'tool' message must answer a tool "
                                     f"call of an earlier assistant message, and '{message.tool_call_id}' is "
                                     "not one.")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _continuable(self):
+        """vLLM's rules: the message continued is the last, an assistant's text, and no new turn is opened."""
+        if not self.continue_final_message:
+            return self
+        if self.add_generation_prompt:
+            raise invalid_param("add_generation_prompt", "continue_final_message needs add_generation_prompt false: "
+                                "the answer goes on inside the last message rather than in a new one.")  # fmt: skip
+        last = self.messages[-1]
+        if last.role != "assistant" or last.tool_calls or last.function_call:
+            raise invalid_param("continue_final_message", "continue_final_message goes on from the last message, "
+                                "which must be an assistant's text.")  # fmt: skip
         return self
 
     def _named_choice(self) -> str | None:
@@ -661,6 +679,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "local-llm-gateway"
+    # A gateway extension: what its first local model is; left out for a name served by providers only.
+    kind: Literal["chat", "embedding", "rerank"] | None = _absent_if_none()
 
 
 class ModelState(BaseModel):
@@ -668,8 +688,10 @@ class ModelState(BaseModel):
 
     id: str
     object: Literal["model.state"] = "model.state"
-    state: Literal["unloaded", "loading", "ready", "unloading", "failed"]
-    memory_bytes: int
+    state: Literal["unloaded", "loading", "ready", "unloading", "failed", "offloading", "offloaded", "restoring"]
+    # Where the weights are: on the GPU (or the CPU, for a model run there), in the warm pool in host RAM, or nowhere.
+    location: Literal["gpu", "cpu", "cpu_warm", "unloaded"]
+    memory_bytes: int  # what the weights (and caches) take where they are
 
 
 class ModelList(BaseModel):

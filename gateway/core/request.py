@@ -28,6 +28,7 @@ class Limits:
     logit_bias: int
     choices: int  # sequences generated: n, times the prompts of a legacy completion
     embedding_inputs: int
+    rerank_documents: int
     input_tokens: int  # token ids given as a prompt or as inputs, summed
     stop_chars: int  # of each stop sequence
 

@@ -6,18 +6,22 @@ names and labels stay in one place:
 - `observe_first_token(record)`, `token_gap_observer(record)`: while tokens stream.
 - `record_fallback(model, from_target, to_target)`, `record_retry(target)`, `record_cooldown(target)`:
   for the routing layer (fallback chains, retries, circuit breakers).
-- `record_model_event(model, event)`: loads and unloads (with the reason) from the model lifecycle.
+- `record_model_event(model, event)`: loads and unloads (with the reason) from the model lifecycle;
+  `record_offload(model, reason)`, `record_restore(model)`: moves to and from the governor's warm pool.
+- `record_shared_state_fallback(state)`, `set_shared_state_up(up)`: from the Redis state (gateway/state/).
 Engine gauges (queue depth, running requests, loaded models and their memory) are read from the
-engines at scrape time by `EngineCollector`, so they are never stale.
+engines at scrape time by `EngineCollector`, so they are never stale; so are the endpoints of engine pools
+(`PoolCollector`: requests, failures, ejections, requests in flight, ejected), from the pools' own counts.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from engines.base import EngineInfo
@@ -59,6 +63,22 @@ COOLDOWNS = Counter(
 MODEL_EVENTS = Counter(
     "llm_model_events", "Model loads and unloads; event is load, load_failed, or unload_<reason>",
     ["model", "event"], registry=REGISTRY,
+)  # fmt: skip
+OFFLOADS = Counter(
+    "llm_model_offloads", "Models moved from the GPU to the warm pool in host RAM; reason: memory, pressure_<level>",
+    ["model", "reason"], registry=REGISTRY,
+)  # fmt: skip
+RESTORES = Counter(
+    "llm_model_restores", "Models moved back from the warm pool to the GPU (on their next request)", ["model"],
+    registry=REGISTRY,
+)  # fmt: skip
+SHARED_STATE_FALLBACKS = Counter(
+    "llm_shared_state_fallbacks", "Operations on limits, cooldowns or responses (state) served from this replica's "
+    "own state because Redis (LLM_REDIS_URL) was unreachable", ["state"], registry=REGISTRY,
+)  # fmt: skip
+SHARED_STATE_UP = Gauge(
+    "llm_shared_state_up", "1 while the shared state's backend (redis: LLM_REDIS_URL) answers, 0 during an outage; "
+    "absent without one", ["backend"], registry=REGISTRY,
 )  # fmt: skip
 
 
@@ -111,6 +131,22 @@ def record_model_event(model: str, event: str) -> None:
     MODEL_EVENTS.labels(model, event).inc()
 
 
+def record_offload(model: str, reason: str) -> None:
+    OFFLOADS.labels(model, reason).inc()
+
+
+def record_restore(model: str) -> None:
+    RESTORES.labels(model).inc()
+
+
+def record_shared_state_fallback(state: str) -> None:
+    SHARED_STATE_FALLBACKS.labels(state).inc()
+
+
+def set_shared_state_up(up: bool) -> None:
+    SHARED_STATE_UP.labels("redis").set(1 if up else 0)
+
+
 class EngineCollector:
     """Gauges read from the engines at scrape time: state, queue depth, running requests, memory, step age."""
 
@@ -143,19 +179,65 @@ _MEMORY_HELP = {
     "budget_bytes": "Memory the governor may fill with models (GPU memory on CUDA, else the RAM budget)",
     "used_bytes": "Memory held by loaded models",
     "pressure_ratio": "used_bytes / budget_bytes",
+    "warm_pool_budget_bytes": "Host RAM the warm pool may fill with embedding models and rerankers (0: off, on a CPU)",
+    "warm_pool_used_bytes": "Host RAM held by models in the warm pool",
 }
 
 
-def install(collector: EngineCollector) -> None:
-    """Read engine gauges from `collector` (one gateway per process; a new app replaces the old one)."""
-    global _collector
-    if _collector is not None:
-        REGISTRY.unregister(_collector)
+@dataclass(frozen=True)
+class EndpointCounts:
+    """One endpoint of an engine pool, as its pool counts it."""
+
+    target: str
+    endpoint: str  # its place in the target's list, from 0 (URLs stay out of /metrics, which any client may read)
+    requests: int
+    failures: int
+    ejections: int
+    outstanding: int
+    ejected: bool  # ejected after failures, or down by its health check
+
+
+class PoolCollector:
+    """Series of every pool endpoint, read at scrape time: nothing is recorded per request."""
+
+    def __init__(self, endpoints: Callable[[], Iterable[EndpointCounts]]):
+        self._endpoints = endpoints
+
+    def collect(self):
+        labels = ["target", "endpoint"]
+        requests = CounterMetricFamily("llm_endpoint_requests", "Requests sent to a pool endpoint", labels=labels)
+        failures = CounterMetricFamily(
+            "llm_endpoint_failures", "Requests a pool endpoint failed (unreachable, 5xx, 429, cut)", labels=labels
+        )
+        ejections = CounterMetricFamily(
+            "llm_endpoint_ejections", "Times a pool endpoint was ejected after consecutive failures", labels=labels
+        )
+        outstanding = GaugeMetricFamily("llm_endpoint_outstanding", "Requests in flight to a pool endpoint",
+                                        labels=labels)  # fmt: skip
+        ejected = GaugeMetricFamily(
+            "llm_endpoint_ejected", "1 while a pool endpoint is skipped: ejected, or down by its health check",
+            labels=labels,
+        )  # fmt: skip
+        for counts in self._endpoints():
+            key = [counts.target, counts.endpoint]
+            requests.add_metric(key, counts.requests)
+            failures.add_metric(key, counts.failures)
+            ejections.add_metric(key, counts.ejections)
+            outstanding.add_metric(key, counts.outstanding)
+            ejected.add_metric(key, float(counts.ejected))
+        yield from (requests, failures, ejections, outstanding, ejected)
+
+
+def install(collector: EngineCollector | PoolCollector) -> None:
+    """Read gauges from `collector` (one gateway per process; a new app's replaces the old one of its kind)."""
+    old = _collectors.pop(type(collector), None)
+    if old is not None:
+        REGISTRY.unregister(old)
     REGISTRY.register(collector)
-    _collector = collector
+    _collectors[type(collector)] = collector
 
 
-_collector: EngineCollector | None = None
+_collectors: dict[type, EngineCollector | PoolCollector] = {}
 
 
 def exposition() -> tuple[bytes, str]:

@@ -24,6 +24,8 @@ def record_usage(record: RequestRecord, usage: dict) -> None:
     record.prompt_tokens = _tokens(usage, "prompt_tokens", "input_tokens", "cache_read_input_tokens",
                                    "cache_creation_input_tokens")  # fmt: skip
     record.completion_tokens = _tokens(usage, "completion_tokens", "output_tokens")
+    if not record.prompt_tokens and not record.completion_tokens:  # a rerank provider (Jina) that gives a total only
+        record.prompt_tokens = _tokens(usage, "total_tokens")
     details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
     record.cached_tokens = cached + _tokens(usage, "cache_read_input_tokens")
