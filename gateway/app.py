@@ -130,6 +130,11 @@ def embedding_model(settings: Settings) -> str | None:
     return None if name == "none" else name
 
 
+def model_task(resolved: ResolvedModel) -> dict[str, str]:
+    """The registry's task for the model (a reranker, an embedding model), which the target's options may override."""
+    return {"task": resolved.entry.task} if resolved.entry is not None and resolved.entry.task else {}
+
+
 def engine_config(settings: Settings, target: LocalTargetConfig, resolved: ResolvedModel) -> EngineConfig:
     """A local target's engine options: the target's own, else the LLM_* settings."""
 
@@ -146,7 +151,8 @@ def engine_config(settings: Settings, target: LocalTargetConfig, resolved: Resol
         batch_size=pick(target.batch_size, settings.batch_size),
         embedding=pick(target.embedding, settings.embedding),
         max_waiting=pick(target.max_waiting, settings.max_queue),
-        options={**{name: getattr(settings, name) for name in ENGINE_OPTIONS}, **target.options},
+        options={**{name: getattr(settings, name) for name in ENGINE_OPTIONS}, **model_task(resolved),
+                 **target.options},  # fmt: skip
     )
 
 
@@ -166,11 +172,12 @@ def managed_model(settings: Settings, registry: ModelRegistry, manager: ModelMan
     resolved, prepare = resolve_local(settings, registry, target)
     config = engine_config(settings, target, resolved)
     engine_name = target.engine or settings.engine
+    kind = MODEL_KINDS.get(config.options.get("task"), "chat")
     return ManagedModel(
         resolved.served_name, lambda: create_engine(engine_name, config),
         estimate_bytes(resolved.entry, resolved.path), manager,
         suggest=lambda free: what_would_fit(registry, resolved.entry, free), prepare=prepare,
-        tool_format=target.options.get("tool_parser"), kind=MODEL_KINDS.get(target.options.get("task"), "chat"),
+        tool_format=target.options.get("tool_parser"), kind=kind,
     )  # fmt: skip
 
 

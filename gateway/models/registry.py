@@ -22,6 +22,7 @@ class ModelEntry:
     description: str = ""
     embedding_dimensions: int | None = None
     python_package: str | None = None  # an installed package whose get_model_path() holds the model
+    task: str | None = None  # "embed" or "rerank": what a local target naming it serves unless its options say
 
 
 @dataclass(frozen=True)

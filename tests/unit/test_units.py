@@ -13,9 +13,11 @@ from engines.llamacpp.scheduler import Sequence, _batch_order
 from engines.text import StopMatcher
 from gateway.api.generation import choice_params
 from gateway.api.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.app import engine_config
 from gateway.cli import parse_args
 from gateway.errors import APIError, _param_from_location
 from gateway.models.registry import ModelNotAvailable, ModelRegistry
+from gateway.routing.config import LocalTargetConfig
 from gateway.settings import PROJECT_ROOT, Settings
 
 
@@ -131,6 +133,20 @@ def test_registry_resolves_names_and_paths(tmp_path):
         registry.resolve("qwen2.5-3b-instruct", tmp_path)
     with pytest.raises(ModelNotAvailable, match="neither"):
         registry.resolve("no-such-model", tmp_path)
+
+
+def test_a_registry_reranker_is_served_as_one_unless_its_target_says_otherwise(tmp_path):
+    registry = ModelRegistry.load(PROJECT_ROOT / "configs" / "models.yaml")
+    (tmp_path / "ms-marco-minilm-l6-v2").mkdir()
+    resolved = registry.resolve("ms-marco-minilm-l6-v2", tmp_path)
+    target = LocalTargetConfig(type="local", model="ms-marco-minilm-l6-v2")
+    assert engine_config(Settings(), target, resolved).options["task"] == "rerank"
+    target = LocalTargetConfig(type="local", model="ms-marco-minilm-l6-v2", options={"task": "embed"})
+    assert engine_config(Settings(), target, resolved).options["task"] == "embed"
+    own = tmp_path / "own.gguf"
+    own.write_bytes(b"x")
+    target = LocalTargetConfig(type="local", model=str(own))
+    assert "task" not in engine_config(Settings(), target, registry.resolve(str(own), tmp_path)).options
 
 
 def test_cli_flags_override_environment(monkeypatch):
