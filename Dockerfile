@@ -10,7 +10,7 @@ COPY engines engines
 ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
 # Editable install: the gateway finds configs/ next to its package, so /app stays the project root.
 RUN python -m venv /opt/venv \
-    && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" /opt/venv/bin/pip install --no-cache-dir -e '.[otel]'
+    && CMAKE_ARGS="$LLAMA_CMAKE_ARGS" /opt/venv/bin/pip install --no-cache-dir -e '.[otel,redis]'
 COPY scripts scripts
 RUN LLM_MODELS_DIR=/models /opt/venv/bin/python scripts/fetch_model.py
 
