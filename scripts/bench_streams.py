@@ -114,9 +114,10 @@ def _url(base_url: str, body: dict) -> str:
     return base_url + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
 
 
-def run_streams(service: Service, bodies: list[dict]) -> dict:
+def run_streams(service: Service, bodies: list[dict], held_tokens: int = 0) -> dict:
     """A stream per body, all at once, from several client processes above STREAMS_PER_CLIENT streams, so
-    that the client's own Python is never what limits the figure."""
+    that the client's own Python is never what limits the figure. `held_tokens`: tokens a stream decodes before
+    its first event (a tool call's opening, which the gateway holds until the call's name is whole)."""
     clients = math.ceil(len(bodies) / STREAMS_PER_CLIENT)
     if clients == 1:
         streams = client_streams(service.base_url, bodies, time.time())
@@ -131,9 +132,9 @@ def run_streams(service: Service, bodies: list[dict]) -> dict:
     tokens = sum(s.tokens for s in streams)
     return {
         "aggregate_tps": tokens / wall,
-        # From the first event, not the first text: a tool call's text is held until its name is whole, and
-        # timing from it would leave that stretch of decoding out.
-        "stream_tps": [(s.tokens - 1) / (s.last - s.opened) for s in streams if s.last > s.opened],
+        # From the first event, not the first text (a reply's text may be held after its role chunk), counting
+        # only the tokens decoded after it.
+        "stream_tps": [(s.tokens - 1 - held_tokens) / (s.last - s.opened) for s in streams if s.last > s.opened],
         "ttft": [s.first - s.sent for s in streams],
         "tokens": tokens,
         "wall": wall,
