@@ -9,8 +9,8 @@ the `litellm` executable; the Makefile's `bench-overhead` target makes one).
 
 --redis measures what shared state costs: a second gateway, `gateway-redis`, keeps it in a redis-server started here
 (Debian's; LLM_REDIS_URL), and both gateways check an API key with rate limits that never refuse, so every request
-runs the limit scripts (admit, reserve, settle) and the target's cooldown read. Compare its added p50 with
-`gateway`'s.
+runs the limit scripts (admission with its token hold, and the settle) and the target's cooldown read. Compare its
+added p50 with `gateway`'s.
 """
 
 from __future__ import annotations

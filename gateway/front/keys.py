@@ -14,6 +14,12 @@ from gateway.telemetry.requests import current_request
 
 # Paths outside /v1/ that read a model all the same (vLLM's and llama-server's names): guarded like /v1/ ones.
 GUARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/rerank", "/v2/rerank"})
+# The routes of model requests (POSTs served by routing/chain.py `dispatch`): dispatch admits them once their body says
+# how many tokens they may use, counting the request and holding its tokens in one step (one call to shared state).
+MODEL_ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank",
+})  # fmt: skip
 
 
 class KeyLimits:
@@ -21,32 +27,27 @@ class KeyLimits:
     the key's window: this replica's, or the replicas' shared one (gateway/state/).
 
     A request is admitted while the key's requests, or its tokens charged in the last minute plus what its requests
-    in flight hold, are under the limit. It reserves its maximum once its body is read (`ModelRequest.most_tokens`)
-    and is charged what it used when it ends, however it ends: concurrent requests overshoot the limit by at most
-    one request's maximum, as consecutive ones do."""
+    in flight hold, are under the limit. A model request is admitted once its body is read, holding its maximum
+    (`ModelRequest.most_tokens`); it is charged what it used when it ends, however it ends: concurrent requests
+    overshoot the limit by at most one request's maximum, as consecutive ones do."""
 
     def __init__(self, window: Window):
         self.window = window
         self.hold = NO_HOLD
 
-    @classmethod
-    async def admit(cls, window: Window) -> KeyLimits:
-        """A request's use of `window`; 429 when the key is at a limit."""
-        if (refusal := await window.admit()) is not None:
-            raise _limited(refusal)
-        return cls(window)
-
-    async def reserve(self, tokens: int) -> int:
-        """Hold `tokens` until the request ends (429 when the key is at its limit); what it holds."""
-        hold = await self.window.reserve(tokens)
+    async def admit(self, tokens: int = 0) -> int:
+        """Count the request and hold `tokens` until it ends, in one step (429 when the key is at a limit); what it
+        holds."""
+        hold = await self.window.admit(tokens)
         if isinstance(hold, Refusal):
             raise _limited(hold)
         self.hold = hold
         return hold.tokens
 
-    async def settle(self, used: int) -> None:
-        """The request ended: it gives back what it held and is charged what it used."""
-        await self.window.settle(self.hold, used)
+    def settle(self, used: int) -> None:
+        """The request ended: it gives back what it held and is charged what it used (without waiting for shared
+        state: see `Window.settle`)."""
+        self.window.settle(self.hold, used)
 
 
 def _limited(refusal: Refusal) -> APIError:
@@ -113,8 +114,9 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
 
 class ApiKeyMiddleware:
     """401 without a valid key and 429 over the key's limits, for every path under /v1/ and GUARDED_PATHS; the
-    key's limits go on the request's record, to be charged with the tokens used. Health, readiness and metrics stay
-    open for probes, balancers and scrapers.
+    key's limits go on the request's record, to be charged with the tokens used. A model request (MODEL_ROUTES) is
+    admitted later, by dispatch: one refused before that (its body, its model) is not counted. Health, readiness and
+    metrics stay open for probes, balancers and scrapers.
 
     A plain ASGI middleware: a FastAPI dependency on each route cost more than the rest of the check.
     """
@@ -127,7 +129,10 @@ class ApiKeyMiddleware:
             try:
                 record = current_request()
                 key = _identify(keys, dict(scope["headers"]))
-                record.limits, record.owner = await KeyLimits.admit(key.window), key.owner
+                limits = KeyLimits(key.window)
+                if not _model_request(scope):
+                    await limits.admit()
+                record.limits, record.owner = limits, key.owner
             except APIError as error:
                 return await error(scope, receive, send)
         await self.app(scope, receive, send)
@@ -135,6 +140,10 @@ class ApiKeyMiddleware:
 
 def _guarded(path: str) -> bool:
     return path.startswith("/v1/") or path in GUARDED_PATHS
+
+
+def _model_request(scope) -> bool:
+    return scope["method"] == "POST" and scope["path"] in MODEL_ROUTES
 
 
 def _identify(keys: KeyRing, headers: dict[bytes, bytes]) -> Key:

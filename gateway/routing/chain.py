@@ -69,8 +69,8 @@ async def dispatch(request: Request, request_type: type[ModelRequest], front: Fr
         served = body if front is None else await front.internal(body)
         route = state.router.resolve(served.model)
         record.model = served.model  # once known: metrics take no label values from unknown names
-        if record.limits is not None:  # 429 unless the key's tokens per minute leave room; settled as it ends
-            record.reserved = await record.limits.reserve(served.most_tokens(state.settings.ctx))
+        if record.limits is not None:  # counted and its maximum held in one step (429 at a limit); settled as it ends
+            record.reserved = await record.limits.admit(served.most_tokens(state.settings.ctx))
         chain = _Chain(route, served.endpoint, served, deadline.at, state.retry, record)
         outcome = await until_disconnected(request, _within(alarm, deadline, chain.serve(), record))
     finally:

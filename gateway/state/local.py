@@ -19,7 +19,7 @@ class LocalWindow:
         self._charged = 0  # the sum of _tokens
         self._held = 0  # the maxima of the requests in flight
 
-    async def admit(self) -> Refusal | None:
+    async def admit(self, tokens: int = 0) -> Hold | Refusal:
         now = time.monotonic()
         self._forget(now)
         if self.rpm is not None and len(self._requests) >= self.rpm:
@@ -28,17 +28,12 @@ class LocalWindow:
             return refusal
         if self.rpm is not None:
             self._requests.append(now)
-        return None
-
-    async def reserve(self, tokens: int) -> Hold | Refusal:
         if self.tpm is None:
             return NO_HOLD
-        if refusal := self._over_tokens(time.monotonic()):
-            return refusal
         self._held += tokens
         return Hold(tokens)
 
-    async def settle(self, hold: Hold, used: int) -> None:
+    def settle(self, hold: Hold, used: int) -> None:
         self._held -= hold.tokens
         if self.tpm is not None and used:
             self._tokens.append((time.monotonic(), used))
@@ -61,13 +56,10 @@ class LocalWindow:
 class Unlimited:
     """Admits every request (limits fail open: LLM_REDIS_FAIL_OPEN while Redis is unreachable)."""
 
-    async def admit(self) -> None:
-        return None
-
-    async def reserve(self, tokens: int) -> Hold:
+    async def admit(self, tokens: int = 0) -> Hold:
         return NO_HOLD
 
-    async def settle(self, hold: Hold, used: int) -> None:
+    def settle(self, hold: Hold, used: int) -> None:
         return None
 
 
@@ -107,6 +99,9 @@ class LocalState:
 
     async def start(self) -> None:
         return None
+
+    async def settled(self) -> None:
+        return None  # each settle is applied at once
 
     async def close(self) -> None:
         return None

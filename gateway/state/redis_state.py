@@ -1,7 +1,9 @@
 """Shared state in Redis (LLM_REDIS_URL): every replica that names the same server counts one window per key, sees
 one cooldown per target and reads every stored response.
 
-Each update is one Lua script (scripts.py), atomic in Redis. Every call has a short timeout (LLM_REDIS_TIMEOUT).
+Each update is one Lua script (scripts.py), atomic in Redis: a request's admission (its count and its tokens' hold)
+is one call before its first byte, and its settle another after its last, which nobody waits for. Every call has a
+short timeout (LLM_REDIS_TIMEOUT).
 When one fails, Redis counts as unreachable until a probe (every PROBE_EVERY seconds) finds it again: a warning is
 logged once, `llm_shared_state_up` is 0, and each operation is served by this replica's local state meanwhile
 (counted in `llm_shared_state_fallbacks_total`): cooldowns and stored responses always, limits unless
@@ -18,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 PROBE_EVERY = 1.0  # seconds between attempts to reach Redis again during an outage
 RESPONSE_INDEX = "llm:responses"
 UNITS = {1: "requests", 2: "tokens"}  # the scripts' refusals
-SCRIPTS = ("ADMIT", "RESERVE", "SETTLE", "CIRCUIT_READ", "CIRCUIT_FAILED", "RESPONSE_PUT", "RESPONSE_DELETE")
+SCRIPTS = ("ADMIT", "SETTLE", "CIRCUIT_READ", "CIRCUIT_FAILED", "RESPONSE_PUT", "RESPONSE_DELETE")
 
 
 class RedisLink:
@@ -49,6 +51,7 @@ class RedisLink:
         self.where = _where(url)
         self.up = True
         self._probe: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # updates nobody waits for (settles), until they end
         self.scripts = {name: self.client.register_script(getattr(scripts, name)) for name in SCRIPTS}
 
     async def script(self, state: str, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -64,6 +67,22 @@ class RedisLink:
                 self._lost(error)
         metrics.record_shared_state_fallback(state)
         return None
+
+    def later(self, state: str, update: Coroutine[Any, Any, None]) -> None:
+        """Runs `update` of `state` in the background; `settled` awaits it. What it raises is logged, never raised:
+        nobody waits for it (Redis's own failures it has served locally, and counted, already)."""
+        task = asyncio.create_task(update)
+        self._background.add(task)
+        task.add_done_callback(lambda ended: self._ended(state, ended))
+
+    def _ended(self, state: str, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("a background update of the %s in Redis failed", state, exc_info=error)
+
+    async def settled(self) -> None:
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def start(self) -> None:
         try:
@@ -94,6 +113,7 @@ class RedisLink:
         log.warning("Redis at %s answers again: limits, cooldowns and stored responses are shared again", self.where)
 
     async def close(self) -> None:
+        await self.settled()
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -115,29 +135,28 @@ class RedisWindow:
         self.link, self.rpm, self.tpm, self.fallback, self.lease_ms = link, rpm, tpm, fallback, lease_ms
         self.requests, self.tokens, self.holds = (f"llm:limits:{owner}:{part}" for part in ("r", "t", "h"))
 
-    async def admit(self) -> Refusal | None:
+    async def admit(self, tokens: int = 0) -> Hold | Refusal:
         if self.rpm is None and self.tpm is None:
-            return None
-        keys, args = [self.requests, self.tokens, self.holds], [WINDOW_S * 1000, self.rpm or 0, self.tpm or 0]
-        answer = await self.link.script("limits", "ADMIT", keys, args)
-        return await self.fallback.admit() if answer is None else self._refusal(answer)
-
-    async def reserve(self, tokens: int) -> Hold | Refusal:
-        if self.tpm is None:
             return NO_HOLD
-        hold = Hold(tokens, f"{os.urandom(8).hex()}:{tokens}")
-        args = [WINDOW_S * 1000, self.tpm, hold.id, self.lease_ms]
-        answer = await self.link.script("limits", "RESERVE", [self.tokens, self.holds], args)
+        hold = Hold(tokens, f"{os.urandom(8).hex()}:{tokens}") if self.tpm is not None and tokens else NO_HOLD
+        keys = [self.requests, self.tokens, self.holds]
+        args = [WINDOW_S * 1000, self.rpm or 0, self.tpm or 0, hold.id or "", self.lease_ms]
+        answer = await self.link.script("limits", "ADMIT", keys, args)
         if answer is None:
-            return await self.fallback.reserve(tokens)
+            return await self.fallback.admit(tokens)
         return self._refusal(answer) or hold
 
-    async def settle(self, hold: Hold, used: int) -> None:
+    def settle(self, hold: Hold, used: int) -> None:
+        # Until it lands, the key's next requests (on any replica) still see the hold: the request's maximum, at
+        # least what it used, so limits err on the side of refusing.
         if hold.id is None:  # held in this replica (or nothing held)
-            return await self.fallback.settle(hold, used)
+            return self.fallback.settle(hold, used)
+        self.link.later("limits", self._settle(hold, used))
+
+    async def _settle(self, hold: Hold, used: int) -> None:
         args = [WINDOW_S * 1000, hold.id, used]
         if await self.link.script("limits", "SETTLE", [self.tokens, self.holds], args) is None:
-            await self.fallback.settle(NO_HOLD, used)  # charged here; its hold in Redis ends with its lease
+            self.fallback.settle(NO_HOLD, used)  # charged here; its hold in Redis ends with its lease
 
     def _refusal(self, answer: list[int]) -> Refusal | None:
         unit = UNITS.get(answer[0])
@@ -223,6 +242,9 @@ class RedisState:
 
     async def start(self) -> None:
         await self.link.start()
+
+    async def settled(self) -> None:
+        await self.link.settled()
 
     async def close(self) -> None:
         await self.link.close()

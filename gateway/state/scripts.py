@@ -58,10 +58,11 @@ local function count(key, amount)
 end
 """  # fmt: skip
 
-# KEYS: requests, tokens, holds. ARGV: window, requests per minute, tokens per minute (0: none).
-# {0, 0} when admitted (and counted), else {1 (requests) or 2 (tokens), milliseconds to wait}.
+# A request's admission, in one call: KEYS = requests, tokens, holds. ARGV: window, requests per minute, tokens per
+# minute (0: none), the request's hold ("<id>:<tokens>", or "" for none) and its lease in milliseconds.
+# {0, 0} when admitted (counted, and its hold added), else {1 (requests) or 2 (tokens), milliseconds to wait}.
 ADMIT = WINDOWS + """
-local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm, hold = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 if rpm > 0 then
   local used, oldest = tally(KEYS[1])
   if used >= rpm then return {1, wait(oldest)} end
@@ -71,16 +72,11 @@ if tpm > 0 then
   if refusal then return refusal end
 end
 if rpm > 0 then count(KEYS[1], 1) end
-return {0, 0}
-"""  # fmt: skip
-
-# KEYS: tokens, holds. ARGV: window, tokens per minute, the hold ("<id>:<tokens>"), its lease in milliseconds.
-RESERVE = WINDOWS + """
-local refusal = over_tokens(KEYS[1], KEYS[2], tonumber(ARGV[2]))
-if refusal then return refusal end
-local lease = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], now + lease, ARGV[3])
-redis.call('PEXPIRE', KEYS[2], lease)
+if hold ~= '' then
+  local lease = tonumber(ARGV[5])
+  redis.call('ZADD', KEYS[3], now + lease, hold)
+  redis.call('PEXPIRE', KEYS[3], lease)
+end
 return {0, 0}
 """  # fmt: skip
 

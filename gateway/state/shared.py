@@ -46,14 +46,13 @@ class Window(Protocol):
     """One key's requests and tokens in the last minute, and the tokens its requests in flight hold. A request is
     admitted while the key's requests, or its tokens charged plus held, are under the limit."""
 
-    async def admit(self) -> Refusal | None:
-        """Count a request, unless the key is at a limit."""
+    async def admit(self, tokens: int = 0) -> Hold | Refusal:
+        """Count a request and hold `tokens` for it until it ends (none without a tokens per minute), in one step,
+        unless the key is at a limit."""
 
-    async def reserve(self, tokens: int) -> Hold | Refusal:
-        """Hold `tokens` for a request until it ends, unless the key is at its tokens per minute."""
-
-    async def settle(self, hold: Hold, used: int) -> None:
-        """A request ended: it gives back what it held and is charged what it used."""
+    def settle(self, hold: Hold, used: int) -> None:
+        """A request ended: it gives back what it held and is charged what it used. Nobody waits for it: shared
+        state applies it in the background (`SharedState.settled`)."""
 
 
 class Circuit(Protocol):
@@ -92,4 +91,8 @@ class SharedState(Protocol):
 
     async def start(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def settled(self) -> None:
+        """Once the settles under way have been applied."""
+
+    async def close(self) -> None:
+        """Applies the settles under way, then lets go."""

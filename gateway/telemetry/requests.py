@@ -25,7 +25,7 @@ access_log = logging.getLogger("gateway.access")
 class TokenAllowance(Protocol):
     """A request's share of its client key's tokens per minute (front/keys.py), charged as the request ends."""
 
-    async def settle(self, used: int) -> None: ...
+    def settle(self, used: int) -> None: ...
 
 
 @dataclass
@@ -55,14 +55,16 @@ class RequestRecord:
         self.first_token_at = None
         self.usage_pending = remote
 
-    async def settle(self) -> None:
+    def settle(self) -> None:
         """Charge the client key, once: the counts on the record; the whole reservation when the request ended
-        (deadline, client gone, stream cut) before a provider told its usage, which it may bill in full."""
+        (deadline, client gone, stream cut) before a provider told its usage, which it may bill in full. Nobody
+        waits: shared state (Redis) applies it in the background, and until it lands the key's next requests still
+        count the request's hold, its maximum, so the limits err on the side of refusing."""
         if self.limits is None:
             return
         limits, self.limits = self.limits, None
         counted = self.prompt_tokens + self.completion_tokens
-        await limits.settle(max(counted, self.reserved) if self.usage_pending else counted)
+        limits.settle(max(counted, self.reserved) if self.usage_pending else counted)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -148,7 +150,7 @@ class RequestIdMiddleware:
                 record.route = getattr(scope.get("route"), "path", record.route)
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", record.request_id.encode())]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                await record.settle()  # before the client sees the end: its next request finds the key charged
+                record.settle()  # as the client sees the end: its next request finds the key charged (or still held)
             await send(message)
 
         try:
@@ -158,7 +160,7 @@ class RequestIdMiddleware:
             record.status = record.status or 500  # Starlette's error middleware, inside, has answered it
             raise
         finally:
-            await record.settle()  # a request that ended with no answer sent (the client left, a crash) is charged too
+            record.settle()  # a request that ended with no answer sent (the client left, a crash) is charged too
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={"fields": record.log_fields()})
             metrics.observe_request(record)

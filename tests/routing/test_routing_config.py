@@ -87,15 +87,17 @@ def test_limits_count_requests_and_tokens_per_minute():
     tokens = LocalWindow(requests_per_minute=None, tokens_per_minute=100)
 
     async def scenario():
-        await KeyLimits.admit(requests)
-        await KeyLimits.admit(requests)
+        await KeyLimits(requests).admit()
+        await KeyLimits(requests).admit()
         with pytest.raises(APIError) as refused:
-            await KeyLimits.admit(requests)
+            await KeyLimits(requests).admit()
         assert (refused.value.status_code, refused.value.code, refused.value.type) == (
             429, "rate_limit_exceeded", "requests")  # fmt: skip
-        await (await KeyLimits.admit(tokens)).settle(100)
+        charged = KeyLimits(tokens)
+        assert await charged.admit(30) == 30
+        charged.settle(100)
         with pytest.raises(APIError) as refused:
-            await KeyLimits.admit(tokens)
+            await KeyLimits(tokens).admit()
         assert refused.value.type == "tokens" and int(refused.value.headers["Retry-After"]) >= 1
 
     asyncio.run(scenario())

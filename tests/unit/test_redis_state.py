@@ -1,6 +1,7 @@
 """The Redis state (gateway/state/redis_state.py and its Lua scripts) against a real redis-server: two `RedisState`s
 on one server stand for two replicas. Windows, holds and their leases, circuits, stored responses, and an outage:
-local state serves, a warning once, the metric counts, and Redis is used again once it is back."""
+local state serves, a warning once, the metric counts, and Redis is used again once it is back. A request's admission
+is one call to Redis; its settle lands in the background (`settled`, and `close`, await it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from gateway.routing.breaker import FRESH_S, Breaker
 from gateway.state.redis_state import PROBE_EVERY, RedisState
-from gateway.state.shared import Hold, Refusal
+from gateway.state.shared import NO_HOLD, Hold, Refusal
 from gateway.telemetry.metrics import REGISTRY
 from tests.redis_server import running_redis
 
@@ -67,10 +68,10 @@ def run(scenario):
 def test_replicas_count_one_window_of_requests(redis_server):
     async def scenario(a, b):
         first, second = a.window(OWNER, 2, None), b.window(OWNER, 2, None)
-        assert await first.admit() is None and await second.admit() is None
+        assert await first.admit() == NO_HOLD and await second.admit() == NO_HOLD
         refusal = await first.admit()
         assert refusal.unit == "requests" and refusal.limit == 2 and 59 <= refusal.wait <= 61
-        assert await a.window("another-owner", 2, None).admit() is None  # each key its own window
+        assert await a.window("another-owner", 2, None).admit() == NO_HOLD  # each key its own window
 
     asyncio.run(run(scenario)(replicas(redis_server.url)))
 
@@ -78,15 +79,18 @@ def test_replicas_count_one_window_of_requests(redis_server):
 def test_tokens_held_and_charged_on_one_replica_count_on_the_other(redis_server):
     async def scenario(a, b):
         first, second = a.window(OWNER, None, 100), b.window(OWNER, None, 100)
-        held = await first.reserve(60)
+        held = await first.admit(60)
         assert isinstance(held, Hold) and held.id is not None
-        other = await second.reserve(60)  # 60 held < 100: admitted (one request's maximum of overshoot)
-        refused = await first.reserve(1)
+        other = await second.admit(60)  # 60 held < 100: admitted (one request's maximum of overshoot)
+        refused = await first.admit(1)
         assert isinstance(refused, Refusal) and refused.unit == "tokens" and refused.wait == 1  # none charged yet
-        await first.settle(held, 10)
-        await second.settle(other, 89)
-        assert await second.admit() is None  # 99 charged
-        await first.settle(await first.reserve(5), 1)
+        first.settle(held, 10)
+        second.settle(other, 89)
+        await a.settled()
+        await b.settled()
+        assert await second.admit() == NO_HOLD  # 99 charged
+        first.settle(await first.admit(5), 1)
+        await a.settled()
         refused = await second.admit()
         assert refused.unit == "tokens" and 59 <= refused.wait <= 61
 
@@ -95,12 +99,38 @@ def test_tokens_held_and_charged_on_one_replica_count_on_the_other(redis_server)
 
 def test_a_hold_lapses_after_its_lease(redis_server):
     async def scenario(a, b):
-        await a.window(OWNER, None, 100).reserve(100)  # its replica dies before it settles
-        assert isinstance(await b.window(OWNER, None, 100).reserve(1), Refusal)
+        await a.window(OWNER, None, 100).admit(100)  # its replica dies before it settles
+        assert isinstance(await b.window(OWNER, None, 100).admit(1), Refusal)
         await asyncio.sleep(0.6)
-        assert isinstance(await b.window(OWNER, None, 100).reserve(1), Hold)
+        assert isinstance(await b.window(OWNER, None, 100).admit(1), Hold)
 
     asyncio.run(run(scenario)(replicas(redis_server.url, lease_s=0.5)))
+
+
+def script_calls(redis_server) -> int:
+    return redis_server.client().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def test_an_admission_is_one_call_and_a_settle_lands_in_the_background(redis_server):
+    client = redis_server.client()
+    tokens, holds = (f"llm:limits:{OWNER}:{part}" for part in ("t", "h"))
+
+    async def scenario(a, b):
+        window = a.window(OWNER, 2, 100)
+        await a.window("another-owner", 2, 100).admit(1)  # Redis learns the script
+        before = script_calls(redis_server)
+        held = await window.admit(60)
+        assert isinstance(held, Hold) and script_calls(redis_server) == before + 1  # counted and held in one call
+        other = await b.window(OWNER, 2, 100).admit(30)
+        assert (await window.admit(1)).unit == "requests"  # both requests were counted
+        window.settle(held, 10)
+        assert set(client.zrange(holds, 0, -1)) == {held.id, other.id}  # nobody waits for it: still held...
+        await a.settled()
+        assert client.zrange(holds, 0, -1) == [other.id] and client.hgetall(tokens) != {}  # ... until it lands
+        window.settle(other, 20)  # at shutdown: `close` applies it
+
+    asyncio.run(run(scenario)(replicas(redis_server.url)))
+    assert client.zrange(holds, 0, -1) == [] and sum(map(int, client.hgetall(tokens).values())) == 30
 
 
 def test_replicas_share_a_targets_failures_and_cooldown(redis_server):
@@ -166,7 +196,7 @@ def test_an_outage_falls_back_to_local_state_warns_once_and_recovers(redis_serve
         assert redis_up() == 1
         redis_server.stop()
         before = fallbacks("limits")
-        assert await window.admit() is None  # the first call finds Redis gone: served locally
+        assert await window.admit() == NO_HOLD  # the first call finds Redis gone: served locally
         refused = await window.admit()  # limits fail closed: this replica's own count
         assert refused is not None and refused.unit == "requests"
         assert fallbacks("limits") == before + 2 and redis_up() == 0
@@ -175,11 +205,11 @@ def test_an_outage_falls_back_to_local_state_warns_once_and_recovers(redis_serve
         assert store.items == {(OWNER, "resp_outage"): ("{}", "[]")}  # this replica's own store
         open_window = b.window(OWNER, 1, None)
         for _ in range(3):
-            assert await open_window.admit() is None  # fail open: no limit until Redis is back
+            assert await open_window.admit() == NO_HOLD  # fail open: no limit until Redis is back
         redis_server.start()
         await asyncio.sleep(PROBE_EVERY * 3)
         assert redis_up() == 1
-        assert await window.admit() is None  # Redis's window again: it counted nothing
+        assert await window.admit() == NO_HOLD  # Redis's window again: it counted nothing
         assert await a.responses(Store(), 9, 60).get(OWNER, "resp_outage") is None  # kept where it was stored...
         assert await responses.get(OWNER, "resp_outage") == ("{}", "[]")  # ... and found there
 
