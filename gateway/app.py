@@ -120,7 +120,8 @@ def resolve_local(settings: Settings, registry: ModelRegistry, target: LocalTarg
 # reads the ones it knows.
 ENGINE_OPTIONS = (
     "quantization", "dtype", "trust_remote_code", "gpu_memory_utilization", "max_model_len", "max_num_seqs",
-    "kv_cache_dtype", "enable_prefix_caching", "tensor_parallel_size", "enforce_eager",
+    "kv_cache_dtype", "enable_prefix_caching", "tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size",
+    "distributed_executor_backend", "enforce_eager",
 )  # fmt: skip
 
 

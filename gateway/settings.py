@@ -144,5 +144,14 @@ class Settings(BaseSettings):
     kv_cache_dtype: str = Field("auto", description="vllm: KV cache dtype (auto, fp8, ...)")
     enable_prefix_caching: bool | None = Field(None, description="llamacpp, vllm: reuse KV cache of shared prefixes")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs a model is split over")
+    data_parallel_size: int | None = Field(
+        None, ge=1, le=64, description="vllm: replicas of the model (engine cores), each on its own GPUs (unset: 1)"
+    )
+    pipeline_parallel_size: int | None = Field(
+        None, ge=1, le=64, description="vllm: stages a model's layers are split into, e.g. one a node (unset: 1)"
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vllm: where a model's GPU workers run: mp (this node) | ray (a Ray cluster; unset: vLLM's)"
+    )
     enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decode)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

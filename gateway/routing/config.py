@@ -254,7 +254,9 @@ def simple_config(settings: Settings, served_name: str, embedding_model: str | N
         }  # fmt: skip
     models = {served_name: {"targets": list(targets)}}
     if embedding_model:
-        targets["embedding"] = {"type": "local", "model": embedding_model, "options": {"task": "embed"}}
+        # A small encoder on one GPU: the chat model's parallel layout (LLM_*_PARALLEL_SIZE) is not its own.
+        alone = {"tensor_parallel_size": 1, "data_parallel_size": 1, "pipeline_parallel_size": 1}
+        targets["embedding"] = {"type": "local", "model": embedding_model, "options": {"task": "embed", **alone}}
         models[embedding_model] = {"targets": ["embedding"]}
     return GatewayConfig.model_validate({"targets": targets, "models": models})
 
