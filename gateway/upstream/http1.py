@@ -33,7 +33,13 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
-IDLE_KEEP_S = 30.0  # an idle connection older than this is closed rather than reused (servers drop them)
+# An idle connection older than this is closed rather than reused: uvicorn (vLLM) and llama-server close theirs after
+# 5 s idle, and a request written as the server's close crosses it is lost (a POST is never resent).
+IDLE_KEEP_S = 4.0
+# A connection whose response ended less than this ago is not reused yet: llama-server closes the connection after
+# each streamed response while its headers say keep-alive, and its close must have arrived before a request is written
+# on it (docs/design/http1-client.md).
+SETTLE_S = 0.05
 PAUSE_AT = 1 << 20  # bytes buffered for a slow reader before the socket stops being read
 MAX_HEAD_BYTES = 64 * 1024  # a response's status lines and headers, interim responses included
 MAX_HEADERS = 128  # header lines of one response (aiohttp's limit)
@@ -110,14 +116,22 @@ class Pool:
         return self._tls
 
     def _checkout(self, key: tuple) -> _Connection | None:
+        """The most recently used idle connection old enough to trust (SETTLE_S) and young enough to reuse
+        (IDLE_KEEP_S); younger ones stay in the pool for a later request."""
         idle = self._idle[key]
         now = time.monotonic()
-        while idle:
+        settling: list[_Connection] = []
+        found = None
+        while idle and found is None:
             connection = idle.pop()
-            if connection.reusable() and now - connection.idle_since < IDLE_KEEP_S:
-                return connection
-            connection.close()
-        return None
+            if not connection.reusable() or now - connection.idle_since >= IDLE_KEEP_S:
+                connection.close()
+            elif now - connection.idle_since < SETTLE_S:
+                settling.append(connection)
+            else:
+                found = connection
+        idle.extend(reversed(settling))
+        return found
 
     def _checkin(self, key: tuple, connection: _Connection) -> None:
         if connection.reusable():

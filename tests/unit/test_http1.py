@@ -14,6 +14,7 @@ import pytest
 import uvloop
 
 from gateway.upstream.client import Http1Client, Limits, UpstreamUnavailable
+from gateway.upstream.http1 import SETTLE_S
 
 BODY = b'{"model": "m"}'
 HEADERS = {"Content-Type": "application/json"}
@@ -45,6 +46,11 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
 
 def _ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def _settle() -> None:
+    """Until an idle connection may be reused (SETTLE_S)."""
+    await asyncio.sleep(SETTLE_S * 1.5)
 
 
 async def _post(client: Http1Client, url: str, read_timeout: float = 5.0) -> tuple[int, bytes]:
@@ -88,9 +94,32 @@ def test_a_request_dropped_unanswered_on_a_pooled_connection_is_not_sent_again(r
     async def main():
         async with _connected(handler) as (client, url):
             assert await _post(client, url) == (200, b'{"n": 1}')
+            await _settle()
             with pytest.raises(UpstreamUnavailable) as raised:
                 await _post(client, url)
         assert raised.value.sent and len(requests) == 2
+
+    run(main())
+
+
+def test_a_connection_just_answered_is_not_reused_before_the_server_may_close_it(run):
+    """As llama-server does after each streamed answer: the server closes the connection right after a complete
+    response whose headers say keep-alive. Requests sent back to back must not go out on it before that close."""
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        await _read_request(reader)
+        writer.write(_ok(b'{"n": %d}' % len(connections), b"Keep-Alive: timeout=5, max=100\r\n"))
+        await writer.drain()
+        await asyncio.sleep(0.01)  # the close comes a moment after the answer
+        writer.close()
+
+    async def main():
+        async with _connected(handler) as (client, url):
+            for n in (1, 2, 3):
+                assert await _post(client, url) == (200, b'{"n": %d}' % n)
+        assert len(connections) == 3
 
     run(main())
 
@@ -119,6 +148,7 @@ def test_connections_are_reused(run):
         async with _connected(handler) as (client, url):
             for _ in range(5):
                 assert await _post(client, url) == (200, b'{"ok": true}')
+                await _settle()
         assert len(connections) == 1
 
     run(main())
@@ -281,6 +311,7 @@ def test_interim_responses_are_skipped(run, packets):
                 async with client.post(url + "/v1/chat/completions", BODY, HEADERS, 2.0, 5.0) as response:
                     assert (response.status, await response.read()) == (200, b'{"n": %d}' % n)
                     assert response.headers["x-final"] == "yes" and "link" not in response.headers
+                await _settle()
         assert len(connections) == 1
 
     run(main())
