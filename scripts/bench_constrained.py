@@ -1,13 +1,14 @@
 """Benchmark 5: decoding under a JSON constraint against free decoding, per engine, and against llama-server
 given the same grammar.
 
-Three workloads, each a streamed chat completion sampled as benchmark 1's chat workload (temperature 0.8,
-top_k 40, top_p 0.95, min_p 0.05, a seed per request): `free` (no constraint, EOS ignored), `json_schema` (a
-`response_format` with a nested schema) and `tool_call` (a forced call of a function with the same nested
-parameters). Constrained answers end where their JSON ends; the figure compared is each stream's decode speed
-(tokens after the first over the time between the first and the last), which does not depend on how long an
-answer is. llama-server gets the gateway's own GBNF for the same schema (`grammar`), so both enforce the same
-grammar. Servers and workloads are measured in turn, the order rotating each repetition.
+Two constrained workloads, each a streamed chat completion sampled as benchmark 1's chat workload (temperature
+0.8, top_k 40, top_p 0.95, min_p 0.05, a seed per request): `json_schema` (a `response_format` with a nested schema)
+and `tool_call` (a forced call of a function with the same nested parameters). Each constrained run is followed by
+free decoding (no constraint, EOS ignored) of the same prompts and seeds to the same lengths, stream for stream: a
+stream's speed depends on how many streams decode beside it, so both must end alike. The figure compared is each
+stream's decode speed (tokens after the first event over the time to the last piece). llama-server gets the
+gateway's own GBNF for the same schema (`grammar`), so both enforce the same grammar. Servers are measured in turn,
+the order rotating each repetition.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SCHEMA = {
 TOOL = {"type": "function", "function": {"name": "save_inventory", "description": "Save an inventory.",
                                          "parameters": SCHEMA}}  # fmt: skip
 WORKLOADS = ("free", "json_schema", "tool_call")
+CONSTRAINED = WORKLOADS[1:]
 # The generic tool format's call section (gateway/core/tool_calls.py), as the gateway asks it of the default model.
 CALL = ToolCallConstraint(
     schema={"type": "object", "properties": {"name": {"const": "save_inventory"}, "arguments": SCHEMA},
@@ -100,36 +102,50 @@ def held_tokens(service: Service, workload: str) -> int:
 
 
 def measure(services: list[Service], args) -> dict:
-    raw: dict = {s.name: {w: [] for w in WORKLOADS} for s in services}
+    """Each constrained run, then free decoding of the same prompts and seeds to the same lengths, stream for stream:
+    a stream's speed depends on how many others decode beside it, so both must end alike."""
+    raw: dict = {s.name: {w: {"constrained": [], "free": []} for w in CONSTRAINED} for s in services}
     for service in services:  # warm-up (whole answers: a call cut short streams nothing)
         run_streams(service, [request_body(service.name, w, 0, args) for w in WORKLOADS])
-    runs = [(s, w) for s in services for w in WORKLOADS]
-    held = {(s.name, w): held_tokens(s, w) for s, w in runs}
+    held = {(s.name, w): held_tokens(s, w) for s in services for w in CONSTRAINED}
     for rep in range(args.reps):
-        for service, workload in runs[rep % len(runs) :] + runs[: rep % len(runs)]:
-            bodies = [request_body(service.name, workload, (rep + 1) * 100 + i, args) for i in range(args.streams)]
-            run = run_streams(service, bodies, held[service.name, workload])
-            raw[service.name][workload].append(run)
-            print(f"rep {rep + 1} {service.name:<20} {workload:<11} {median(run['stream_tps']):7.1f} tok/s per stream "
-                  f"({run['tokens'] / args.streams:.0f} tokens each)", flush=True)  # fmt: skip
+        for service in services[rep % len(services) :] + services[: rep % len(services)]:
+            for workload in CONSTRAINED:
+                numbers = [(rep + 1) * 100 + i for i in range(args.streams)]
+                bodies = [request_body(service.name, workload, n, args) for n in numbers]
+                constrained = run_streams(service, bodies, held[service.name, workload])
+                free = [{**request_body(service.name, "free", n, args), "max_tokens": tokens}
+                        for n, tokens in zip(numbers, constrained["stream_tokens"])]  # fmt: skip
+                unconstrained = run_streams(service, free)
+                raw[service.name][workload]["constrained"].append(constrained)
+                raw[service.name][workload]["free"].append(unconstrained)
+                print(f"rep {rep + 1} {service.name:<20} {workload:<11} {median(constrained['stream_tps']):7.1f} "
+                      f"tok/s per stream, free {median(unconstrained['stream_tps']):7.1f} "
+                      f"({constrained['tokens'] / args.streams:.0f} tokens each)", flush=True)  # fmt: skip
     return raw
 
 
 def summarize(raw: dict) -> tuple[dict, str]:
+    def tps(runs: list[dict]) -> float:
+        return median([t for run in runs for t in run["stream_tps"]])
+
     summary = {
-        server: {w: {"stream_tps": median([t for run in runs for t in run["stream_tps"]]),
-                     "tokens": median([run["tokens"] for run in runs])} for w, runs in by_workload.items()}
+        server: {w: {"stream_tps": tps(kinds["constrained"]), "free_stream_tps": tps(kinds["free"]),
+                     "tokens": median([run["tokens"] for run in kinds["constrained"]])}
+                 for w, kinds in by_workload.items()}
         for server, by_workload in raw.items()
     }  # fmt: skip
-    header = ["server", "workload", "per-stream tok/s", "tokens per run", "vs free", "gateway-llamacpp / llama-server"]
+    header = ["server", "workload", "per-stream tok/s", "free, same lengths", "tokens per run", "vs free",
+              "gateway-llamacpp / llama-server"]  # fmt: skip
     rows = []
     for server, by_workload in summary.items():
         for workload, figures in by_workload.items():
             versus_peer = ""
             if server == "gateway-llamacpp" and "llama-server" in summary:
                 versus_peer = f"{ratio(figures['stream_tps'], summary['llama-server'][workload]['stream_tps']):.2f}x"
-            vs_free = ratio(figures["stream_tps"], by_workload["free"]["stream_tps"])
-            rows.append([server, workload, figures["stream_tps"], figures["tokens"], f"{vs_free:.2f}x", versus_peer])
+            vs_free = ratio(figures["stream_tps"], figures["free_stream_tps"])
+            rows.append([server, workload, figures["stream_tps"], figures["free_stream_tps"], figures["tokens"],
+                         f"{vs_free:.2f}x", versus_peer])  # fmt: skip
     return summary, markdown_table(header, rows)
 
 

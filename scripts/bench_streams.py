@@ -135,6 +135,7 @@ def run_streams(service: Service, bodies: list[dict], held_tokens: int = 0) -> d
         # From the first event, not the first text (a reply's text may be held after its role chunk), counting
         # only the tokens decoded after it.
         "stream_tps": [(s.tokens - 1 - held_tokens) / (s.last - s.opened) for s in streams if s.last > s.opened],
+        "stream_tokens": [s.tokens for s in streams],  # in the bodies' order
         "ttft": [s.first - s.sent for s in streams],
         "tokens": tokens,
         "wall": wall,
