@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from gateway.upstream.client import HTTP_CLIENTS, Limits, UpstreamUnavailable
+from gateway.upstream.http1 import SETTLE_S
 from tests.conftest import start_server
 from tests.upstream import RawRequest, RawUpstream, raw_completion
 
@@ -199,6 +200,7 @@ def test_interim_responses_are_skipped_and_each_client_gets_its_own_answer(gatew
     the whole answer (an empty 200 for A) and handed A's completion to B."""
     for client in ("client A", "client B", "client C"):
         assert _answer(gateway, "interim", client) == f"answer to {client}"
+        time.sleep(SETTLE_S * 2)  # until the idle connection may be reused
     assert raw.connections["interim"] == 1  # the answers came over one kept-alive connection
 
 
@@ -214,6 +216,7 @@ def test_bytes_after_a_response_close_the_connection(gateway, raw):
 
 def test_a_request_dropped_unanswered_on_a_reused_connection_is_not_sent_again(gateway, raw):
     assert _answer(gateway, "dropsecond", "first") == "answer to first"
+    time.sleep(SETTLE_S * 2)  # until the idle connection may be reused
     _assert_upstream_error(_chat(gateway, "dropsecond", "the second"))
     assert raw.requests["dropsecond"] == 2  # the second reached it once: neither the client nor a retry resent it
     assert _answer(gateway, "dropsecond", "third") == "answer to third"  # on a new connection
@@ -332,6 +335,7 @@ def test_every_client_asks_for_identity_and_decodes_gzip(name):
             client = HTTP_CLIENTS[name](SMALL)
             try:
                 assert await _post(client, url) == (200, b'{"ok": true}')
+                await asyncio.sleep(SETTLE_S * 2)  # the next request on the same connection
                 with pytest.raises(UpstreamUnavailable):  # an encoding none of them decodes: a 502, not garbage
                     await _post(client, url)
             finally:
