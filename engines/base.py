@@ -36,6 +36,15 @@ class EngineOverloaded(EngineError):
     code = "engine_overloaded"
 
 
+class GenerationFailed(EngineError):
+    """One sequence's step failed in the engine (its forward or its sampling); the others go on. The server's fault,
+    not the request's: a 502, as a model's invalid tool call is."""
+
+    status_code = 502
+    error_type = "server_error"
+    code = "generation_failed"
+
+
 class ContextLengthExceeded(EngineError):
     status_code = 400
     error_type = "invalid_request_error"

@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
-from engines.base import Delta, EngineError, EngineOverloaded, UnsupportedFeature
+from engines.base import Delta, EngineError, EngineOverloaded, GenerationFailed, UnsupportedFeature
 
 INTAKE_HOLD_S = 0.005  # the longest a hand-over waits for prompts still being tokenized
 
@@ -202,10 +202,12 @@ async def deltas(sequence, worker: WorkerThread) -> AsyncIterator[Delta]:
         while True:
             item = await sequence.inbox.get()
             ended = isinstance(item, BaseException) or bool(item.finish_reason)
+            if isinstance(item, EngineError):  # the worker said whose fault it is
+                raise item
             if isinstance(item, ValueError):  # what a worker says of settings it cannot run (a bad grammar)
                 raise UnsupportedFeature(str(item), param="response_format")
             if isinstance(item, BaseException):
-                raise EngineError(f"generation failed: {item}")
+                raise GenerationFailed(f"generation failed: {item}")
             yield item
             if ended:
                 return

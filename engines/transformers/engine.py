@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -52,6 +53,11 @@ NEEDS_CUDA = {"int8", "int4"}
 MODEL_CLASSES = {"generate": AutoModelForCausalLM, "embed": AutoModel, "rerank": AutoModelForSequenceClassification}
 # A reranker's forward takes pairs of similar length together, up to this many (padded) tokens.
 RERANK_BATCH_TOKENS = 8192
+# One model load at a time in the process: from_pretrained swaps process-wide state while it runs (torch's default
+# dtype, PreTrainedModel.tie_weights, torch.nn.init's functions) and puts back what it found, so two loads on two
+# threads (a chat model and its embedding model) restore each other's: float32 layers in a bf16 model, or its tied
+# lm_head left untied on the meta device (NaN logits).
+LOADING = threading.Lock()
 
 
 def pretrained_source(path: Path) -> tuple[str, dict]:
@@ -96,9 +102,10 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
         if self._task == "rerank":
             require_reranker(str(path), AutoConfig.from_pretrained(source, **extra))
         placement = {"device_map": self._device} if self._device == "cuda" else {}
-        model = MODEL_CLASSES[self._task].from_pretrained(
-            source, **extra, **placement, **QUANTIZATIONS[self._quantization]()
-        )  # fmt: skip
+        with LOADING:
+            model = MODEL_CLASSES[self._task].from_pretrained(
+                source, **extra, **placement, **QUANTIZATIONS[self._quantization]()
+            )  # fmt: skip
         self._model = model.eval()
         if self._task == "generate":
             eos = eos_ids(model, self._tokenizer)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engines.base import Delta, SamplingParams, TokenLogprob
+from engines.base import Delta, GenerationFailed, SamplingParams, TokenLogprob
 from engines.llguidance_grammars import special_tokens
 from engines.text import StopMatcher
 from engines.transformers.sampling import TokenChooser
@@ -99,7 +99,8 @@ class Worker(WorkerThread):
                 except Exception as exc:  # the sequence must hear about it, or its client waits forever
                     log.exception("transformers decode step failed")
                     self._running.remove(sequence)
-                    self._send(sequence, exc)
+                    # The engine's fault, whatever it raised: its request's settings were checked before it came in.
+                    self._send(sequence, GenerationFailed(f"generation failed: {exc}"))
             self._flush_outbox()
         for sequence in self._running + list(self._waiting):
             self._send(sequence, RuntimeError("the engine is shutting down"))
