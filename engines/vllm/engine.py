@@ -39,6 +39,7 @@ from engines.base import (  # noqa: E402
     Embeddings,
     EngineConfig,
     EngineError,
+    GenerationFailed,
     Prompt,
     SamplingParams,
     Scores,
@@ -226,7 +227,7 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
             param = getattr(exc, "parameter", None) or _constrained_param(params)
             raise UnsupportedFeature(str(exc), param=param) from None
         except Exception as exc:
-            raise EngineError(f"generation failed: {exc}") from exc
+            raise GenerationFailed(f"generation failed: {exc}") from exc
         finally:
             self._running -= 1
             if not finished:  # the client went away: free the engine's slot now
