@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
-from engines.base import Delta, EngineError, EngineOverloaded, GenerationFailed, UnsupportedFeature
+from engines.base import Delta, EngineError, EngineNotReady, EngineOverloaded, GenerationFailed, UnsupportedFeature
 
 INTAKE_HOLD_S = 0.005  # the longest a hand-over waits for prompts still being tokenized
 
@@ -113,7 +113,7 @@ class WorkerThread:
         arriving, self._arriving = self._arriving, []
         for sequence in arriving:
             if self._stopping:  # the worker has gone: nothing else would answer this sequence
-                sequence.inbox.put_nowait(RuntimeError("the engine is shutting down"))
+                sequence.inbox.put_nowait(EngineNotReady("the engine is shutting down"))
             else:
                 self._post(sequence)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engines.base import Delta, GenerationFailed, SamplingParams, TokenLogprob
+from engines.base import Delta, EngineNotReady, GenerationFailed, SamplingParams, TokenLogprob
 from engines.llguidance_grammars import special_tokens
 from engines.text import StopMatcher
 from engines.transformers.sampling import TokenChooser
@@ -103,7 +103,7 @@ class Worker(WorkerThread):
                     self._send(sequence, GenerationFailed(f"generation failed: {exc}"))
             self._flush_outbox()
         for sequence in self._running + list(self._waiting):
-            self._send(sequence, RuntimeError("the engine is shutting down"))
+            self._send(sequence, EngineNotReady("the engine is shutting down"))
         self._flush_outbox()
 
     def _admit(self) -> None:
