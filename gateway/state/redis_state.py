@@ -23,7 +23,7 @@ import os
 from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -35,6 +35,9 @@ from gateway.telemetry import metrics
 
 log = logging.getLogger(__name__)
 PROBE_EVERY = 1.0  # seconds between attempts to reach Redis again during an outage
+# Connections to Redis per replica; a call finding them all busy waits for one (within the call's timeout), since a
+# busy pool is no outage. One command at a time per connection: 32 keep ~300k calls/s in flight at 100 us each.
+MAX_CONNECTIONS = 32
 RESPONSE_INDEX = "llm:responses"
 UNITS = {1: "requests", 2: "tokens"}  # the scripts' refusals
 SCRIPTS = ("ADMIT", "SETTLE", "CIRCUIT_READ", "CIRCUIT_FAILED", "RESPONSE_PUT", "RESPONSE_DELETE")
@@ -46,8 +49,10 @@ class RedisLink:
 
     def __init__(self, url: str, timeout: float):
         # No retries: a call that fails is served locally at once; the probe finds Redis again.
-        self.client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                     retry=Retry(NoBackoff(), 0))  # fmt: skip
+        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout,
+                                               socket_timeout=timeout, socket_connect_timeout=timeout,
+                                               retry=Retry(NoBackoff(), 0))  # fmt: skip
+        self.client = Redis(connection_pool=pool)
         self.where = _where(url)
         self.up = True
         self._probe: asyncio.Task | None = None

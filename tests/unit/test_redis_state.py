@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from gateway.routing.breaker import FRESH_S, Breaker
-from gateway.state.redis_state import PROBE_EVERY, RedisState
+from gateway.state.redis_state import MAX_CONNECTIONS, PROBE_EVERY, RedisState
 from gateway.state.shared import NO_HOLD, Hold, Refusal
 from gateway.telemetry.metrics import REGISTRY
 from tests.redis_server import running_redis
@@ -185,6 +185,27 @@ def fallbacks(state: str) -> float:
 
 def redis_up() -> float | None:
     return REGISTRY.get_sample_value("llm_shared_state_up", {"backend": "redis"})
+
+
+def test_more_requests_at_once_than_connections_wait_for_one(redis_server):
+    """A busy connection pool is no outage: requests past its size wait for a connection. (redis-py's default pool
+    refused the 101st call at once, the replica counted Redis unreachable and left its holds behind.)"""
+    client = redis_server.client()
+    requests, holds = (f"llm:limits:{OWNER}:{part}" for part in ("r", "h"))
+    at_once = MAX_CONNECTIONS * 8
+
+    async def scenario(a, b):
+        window = a.window(OWNER, 10**6, 10**9)
+        before = fallbacks("limits")
+        admitted = await asyncio.gather(*(window.admit(10) for _ in range(at_once)))
+        assert all(isinstance(hold, Hold) and hold.id is not None for hold in admitted)  # each held in Redis
+        for hold in admitted:
+            window.settle(hold, 1)
+        await a.settled()
+        assert fallbacks("limits") == before and redis_up() == 1
+
+    asyncio.run(run(scenario)(replicas(redis_server.url)))
+    assert sum(map(int, client.hgetall(requests).values())) == at_once and client.zcard(holds) == 0
 
 
 def test_an_outage_falls_back_to_local_state_warns_once_and_recovers(redis_server, caplog):
