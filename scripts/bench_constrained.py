@@ -23,31 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import ROOT, Service, exit_on_sigterm, machine, markdown_table, median, ratio, stop_all, write_result  # noqa: E402
 from bench_llamacpp import SAMPLING, llama_server  # noqa: E402
+from bench_schemas import INVENTORY, TOOL  # noqa: E402
 from bench_streams import ALIAS, chat_prompt, run_streams  # noqa: E402
 
 from engines.base import ToolCallConstraint  # noqa: E402
 
-ITEMS = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
-    },
-    "required": ["name", "count", "tags"],
-}
-SCHEMA = {
-    "type": "object",
-    "properties": {"title": {"type": "string", "maxLength": 40}, "items": {"type": "array", "items": ITEMS}},
-    "required": ["title", "items"],
-}
-TOOL = {"type": "function", "function": {"name": "save_inventory", "description": "Save an inventory.",
-                                         "parameters": SCHEMA}}  # fmt: skip
 WORKLOADS = ("free", "json_schema", "tool_call")
 CONSTRAINED = WORKLOADS[1:]
 # The generic tool format's call section (gateway/core/tool_calls.py), as the gateway asks it of the default model.
 CALL = ToolCallConstraint(
-    schema={"type": "object", "properties": {"name": {"const": "save_inventory"}, "arguments": SCHEMA},
+    schema={"type": "object", "properties": {"name": {"const": "save_inventory"}, "arguments": INVENTORY},
             "required": ["name", "arguments"]},
     begin="<tool_call>\n", end="\n</tool_call>",
 )  # fmt: skip
@@ -78,9 +63,9 @@ def request_body(server: str, workload: str, number: int, args) -> dict:
     elif server == "llama-server":  # the same grammar the gateway's llama.cpp engine enforces
         from engines.llamacpp.native import json_grammar, tool_call_grammar  # llama.cpp only where it is a peer
 
-        body["grammar"] = json_grammar(SCHEMA) if workload == "json_schema" else tool_call_grammar(CALL)
+        body["grammar"] = json_grammar(INVENTORY) if workload == "json_schema" else tool_call_grammar(CALL)
     elif workload == "json_schema":
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "inventory", "schema": SCHEMA}}
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "inventory", "schema": INVENTORY}}
     else:
         body.update(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "save_inventory"}})
     return body

@@ -15,28 +15,13 @@ import numpy as np
 from openai import AsyncOpenAI
 
 from engines.base import EngineConfig, SamplingParams
+from scripts.bench_schemas import INVENTORY, TOOL
 from scripts.fetch_model import MEMBER, default_models_dir
 from tests.conftest import ENGINES, HTTP_TIMEOUT, MODEL, require, skip_unless_ci, start_server
 
 ENGINE = ENGINES["transformers"]
 # Loads in about a second, as the embedding model does (the GGUF takes far longer to dequantise): the loads overlap.
 HF_COPY = default_models_dir() / (Path(MEMBER).stem + "-hf")
-ITEM = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
-    },
-    "required": ["name", "count", "tags"],
-}
-INVENTORY = {
-    "type": "object",
-    "properties": {"title": {"type": "string", "maxLength": 40}, "items": {"type": "array", "items": ITEM}},
-    "required": ["title", "items"],
-}
-TOOL = {"type": "function", "function": {"name": "save_inventory", "description": "Save an inventory.",
-                                         "parameters": INVENTORY}}  # fmt: skip
 MAX_TOKENS = 64
 # Benchmark 1's sampling, where the failures showed.
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "extra_body": {"top_k": 40, "min_p": 0.05}}
