@@ -2,20 +2,28 @@
 llama-server processes (each with its prompt cache: slots, and `--cache-ram` for the states of conversations it
 set aside), once per balance: `affinity` against `round_robin` and `least_outstanding` (docs/routing.md#engine-pools).
 
-Every conversation opens with one shared system prompt and its own first user turn, then goes on for `--turns`
-turns, each a streamed chat request whose messages hold the whole conversation so far (the answers as the engine
-streamed them); `--concurrency` conversations run at once. Each balance gets conversations of its own (the same
-sizes, other words), so no run finds another's conversations in the caches; the shared system prompt is cached on
-every server before the first run. Answers are greedy and `--max-tokens` long (EOS ignored), so every balance
-decodes the same number of tokens. Reported per balance: TTFT p50 and p99 (all turns, and follow-up turns alone),
-completion tokens per second over the run's wall time, the share of prompt tokens the servers found in their caches
-(llama-server's `timings`), requests per endpoint; and each balance's ratios against round robin.
+The load is open: conversations arrive at `--rate` per second (Poisson arrivals, the same schedule for every balance),
+so every balance serves the same work in about the same time and the TTFTs compare at equal throughput (a fixed
+number of conversations at once would hand the faster balance more requests, which then queue). Every conversation
+opens with one shared system prompt and its own first user turn, then goes on for `--turns` turns, each a streamed
+chat request whose messages hold the whole conversation so far (the answers as the engine streamed them), the next
+sent `--think` seconds after the answer ended. Each balance gets conversations of its own (the same sizes, other
+words), so no run finds another's conversations in the caches; the shared system prompt is cached on every server
+before the first run. Answers are greedy and `--max-tokens` long (EOS ignored), so every balance decodes the same
+number of tokens. Reported per balance: TTFT p50 and p99 (all turns, and follow-up turns alone), completion tokens
+per second over the run's wall time, the share of prompt tokens the servers found in their caches (llama-server's
+`timings`), requests per endpoint; and each balance's ratios against round robin.
+
+The defaults (4 servers of 3 threads) suit a 16-core machine; on fewer cores lower `--servers`, `--threads` and
+`--rate` together, keeping round robin's throughput level with affinity's (else round robin queues and the TTFTs
+compare overload, not caches).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sys
 import tempfile
 import time
@@ -104,10 +112,14 @@ async def one_turn(api: openai.AsyncOpenAI, policy: str, messages: list[dict], a
     return first - sent, "".join(pieces), timings, tokens or len(pieces)
 
 
-async def converse(api: openai.AsyncOpenAI, policy: str, conversation: int, args) -> list[Turn]:
+async def converse(api: openai.AsyncOpenAI, policy: str, conversation: int, start: float, args) -> list[Turn]:
+    """One conversation, from `start` (a perf_counter time), its turns `args.think` seconds apart."""
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
     messages = [{"role": "system", "content": system_prompt(args.system_words)}]
     turns = []
     for number in range(args.turns):
+        if number:
+            await asyncio.sleep(args.think)
         messages.append({"role": "user", "content": user_turn(conversation, number, args.user_words)})
         ttft, text, timings, tokens = await one_turn(api, policy, messages, args)
         turns.append(Turn(conversation, number, ttft, tokens, timings.get("prompt_n"), timings.get("cache_n")))
@@ -115,19 +127,24 @@ async def converse(api: openai.AsyncOpenAI, policy: str, conversation: int, args
     return turns
 
 
+def arrivals(args) -> list[float]:
+    """Seconds from a run's start at which its conversations arrive: a Poisson process of `args.rate` per second,
+    the same for every balance and repetition."""
+    draw = random.Random(args.seed)
+    times, now = [], 0.0
+    for _ in range(args.conversations):
+        times.append(now)
+        now += draw.expovariate(args.rate)
+    return times
+
+
 async def run_policy(base_url: str, policy: str, conversations: range, args) -> dict:
-    """Every conversation of `conversations`, `args.concurrency` at a time, through the gateway's `policy` model."""
-    pending = list(conversations)
-    turns: list[Turn] = []
-
-    async def worker(api: openai.AsyncOpenAI) -> None:
-        while pending:
-            turns.extend(await converse(api, policy, pending.pop(0), args))
-
+    """Every conversation of `conversations` through the gateway's `policy` model, arriving as `arrivals` says."""
     started = time.perf_counter()
     async with client(base_url) as api:
-        await asyncio.gather(*(worker(api) for _ in range(args.concurrency)))
-    return {"wall": time.perf_counter() - started, "turns": [vars(turn) for turn in turns]}
+        runs = await asyncio.gather(*(converse(api, policy, conversation, started + offset, args)
+                                      for conversation, offset in zip(conversations, arrivals(args))))  # fmt: skip
+    return {"wall": time.perf_counter() - started, "turns": [vars(turn) for run in runs for turn in run]}
 
 
 async def warm(servers: list[Service], args) -> None:
@@ -227,14 +244,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-server", type=Path, required=True, help="scripts/build_llama_server.sh builds it")
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--servers", type=int, default=2, help="llama-server processes in the pool")
-    parser.add_argument("--threads", type=int, default=1, help="threads of each server")
+    parser.add_argument("--servers", type=int, default=4, help="llama-server processes in the pool")
+    parser.add_argument("--threads", type=int, default=3, help="threads of each server")
     parser.add_argument("--slots", type=int, default=4, help="parallel slots of each server")
-    parser.add_argument("--ctx", type=int, default=2048, help="context per slot")
+    parser.add_argument("--ctx", type=int, default=3072, help="context per slot")
     parser.add_argument("--cache-ram", type=int, default=1024, help="MiB of set-aside prompt states per server")
-    parser.add_argument("--conversations", type=int, default=32, help="per balance and repetition")
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=8, help="conversations running at once")
+    parser.add_argument("--conversations", type=int, default=12, help="per balance and repetition")
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=0.1, help="conversations arriving per second")
+    parser.add_argument("--think", type=float, default=1.0, help="seconds between an answer and the next turn")
+    parser.add_argument("--seed", type=int, default=0, help="of the arrival times")
     parser.add_argument("--max-tokens", type=int, default=32, help="of each answer")
     parser.add_argument("--system-words", type=int, default=300, help="of the shared system prompt")
     parser.add_argument("--user-words", type=int, default=40, help="of each user turn")
