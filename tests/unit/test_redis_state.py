@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 
 import pytest
 
@@ -206,6 +208,30 @@ def test_more_requests_at_once_than_connections_wait_for_one(redis_server):
 
     asyncio.run(run(scenario)(replicas(redis_server.url)))
     assert sum(map(int, client.hgetall(requests).values())) == at_once and client.zcard(holds) == 0
+
+
+def test_a_redis_that_stops_answering_costs_each_call_its_timeout_at_most(redis_server):
+    """A Redis that hangs (stopped, as behind a lost network) holds each call for its timeout at most, however many
+    wait for a connection meanwhile; then the replica serves from its own state, and from Redis again once it
+    answers."""
+    timeout = 0.5
+
+    async def scenario(a):
+        window = a.window(OWNER, 10**6, None)
+        assert await window.admit() == NO_HOLD
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            answers = await asyncio.gather(*(window.admit() for _ in range(MAX_CONNECTIONS * 2)))
+            waited = time.monotonic() - started
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert answers == [NO_HOLD] * len(answers) and redis_up() == 0  # admitted by this replica's own count
+        assert waited < timeout * 6  # a connection's wait, then the call's: not one call after another
+        await asyncio.sleep(PROBE_EVERY * 3)
+        assert redis_up() == 1 and await window.admit() == NO_HOLD
+
+    asyncio.run(run(scenario)(replicas(redis_server.url, count=1, timeout=timeout)))
 
 
 def test_an_outage_falls_back_to_local_state_warns_once_and_recovers(redis_server, caplog):
