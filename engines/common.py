@@ -43,6 +43,13 @@ def require_task(config: EngineConfig, task: str, asked: str, chat_embeds: bool 
         raise UnsupportedFeature(f"model {config.served_name!r} is {kind}; use {endpoint}", param="model")
 
 
+def not_a_reranker(model: str) -> UnsupportedFeature:
+    return UnsupportedFeature(
+        f"model {model!r} is not a reranker; /v1/rerank needs a model served with `options: {{task: rerank}}`",
+        param="model",
+    )
+
+
 def pair_too_long(window: int, index: int, tokens: int) -> ContextLengthExceeded:
     """For a (query, document) pair longer than a reranker's window: refused as vLLM's /rerank refuses it (it
     truncates only when a request asks)."""
@@ -59,9 +66,11 @@ class BaseEngine(ABC, Generic[Runner]):
     """
 
     name: str
+    chat_embeds = True  # whether a chat model also serves /v1/embeddings
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        self._task = model_task(config)  # what the model serves: a configuration mistake stops start-up here
         self._state = "loading"
         self._error: str | None = None
         self._prompt_threads: ThreadPoolExecutor | None = None
@@ -119,19 +128,18 @@ class BaseEngine(ABC, Generic[Runner]):
     def _runner(self) -> Runner | None:
         """What serves requests; None before the load and after close."""
 
-    def _require_ready(self) -> Runner:
+    def _require_ready(self, task: str = "generate") -> Runner:
+        """The runner, for a request of `task` that this model serves."""
         runner = self._runner()
         if self._state != "ready" or runner is None:
             raise EngineNotReady(f"model {self.config.served_name!r} is {self._state}")
+        require_task(self.config, self._task, task, self.chat_embeds)
         return runner
 
     async def rerank(self, query: str, documents: list[str]) -> Scores:
         """Only a reranker (a model loaded with `options.task: rerank`) scores pairs: the engines that load rerankers
         override this, and call it for their other models."""
-        raise UnsupportedFeature(
-            f"model {self.config.served_name!r} is not a reranker; /v1/rerank needs a model served with "
-            "`options: {task: rerank}`", param="model",
-        )  # fmt: skip
+        raise not_a_reranker(self.config.served_name)
 
     def info(self) -> EngineInfo:
         running, waiting = self._queue_lengths()

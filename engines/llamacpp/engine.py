@@ -32,7 +32,7 @@ from engines.base import (
     UnsupportedFeature,
     too_long_to_tokenize,
 )
-from engines.common import BaseEngine, model_task, pair_too_long, require_task
+from engines.common import BaseEngine, pair_too_long
 from engines.json_budget import BudgetWatch, closing_plan
 from engines.llamacpp.native import (
     Batch,
@@ -57,7 +57,6 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
-        self._task = model_task(config)
         self._model = None
         self._ctx = None
         self._embed_ctx = None
@@ -201,11 +200,6 @@ class LlamaCppEngine(BaseEngine[Scheduler]):
 
     def _runner(self) -> Scheduler | JobThread | None:
         return self._scheduler
-
-    def _require_ready(self, task: str = "generate") -> Scheduler:
-        scheduler = super()._require_ready()
-        require_task(self.config, self._task, task)
-        return scheduler
 
     async def close(self) -> None:
         await self._end_prompt_work()

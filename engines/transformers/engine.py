@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from engines.base import Delta, Embeddings, EngineConfig, Prompt, SamplingParams, Scores, UnsupportedFeature
-from engines.common import BaseEngine, model_task, require_task
+from engines.common import BaseEngine
 from engines.hf_prompts import HFPrompts, longest_piece, require_reranker
 from engines.json_budget import TokenCloser, closing_plan
 from engines.llguidance_grammars import json_matcher, marker_pieces, special_tokens, tool_call_matcher
@@ -81,7 +81,6 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
             )
         if self._quantization in NEEDS_CUDA and self._device != "cuda":
             raise ValueError(f"LLM_QUANTIZATION={self._quantization} needs bitsandbytes on a CUDA GPU; none is visible")
-        self._task = model_task(config)
         self._model = None
         self._tokenizer = None
         self._longest_piece: int | None = None  # bytes one token covers at most, where known
@@ -119,11 +118,6 @@ class TransformersEngine(HFPrompts, BaseEngine[Worker]):
 
     def _runner(self) -> Worker | None:
         return self._worker
-
-    def _require_ready(self, task: str = "generate") -> Worker:
-        worker = super()._require_ready()
-        require_task(self.config, self._task, task)
-        return worker
 
     async def close(self) -> None:
         await self._end_prompt_work()

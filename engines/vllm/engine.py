@@ -46,7 +46,7 @@ from engines.base import (  # noqa: E402
     TokenLogprob,
     UnsupportedFeature,
 )
-from engines.common import BaseEngine, model_task, require_task  # noqa: E402
+from engines.common import BaseEngine  # noqa: E402
 from engines.hf_prompts import HFPrompts, longest_piece, require_reranker  # noqa: E402
 from engines.json_budget import closed_constraint  # noqa: E402
 from engines.llguidance_grammars import compact_schema, special_tokens, tool_call_grammar  # noqa: E402
@@ -70,10 +70,10 @@ VLLMClientError = getattr(vllm.exceptions, "VLLMClientError", ValueError)
 
 class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
     name = "vllm"
+    chat_embeds = False  # one runner a model: a chat model generates, an embedding model pools
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
-        self._task = model_task(config)
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._longest_piece: int | None = None  # bytes one token covers at most, where known
@@ -140,11 +140,6 @@ class VllmEngine(HFPrompts, BaseEngine[AsyncLLM]):
 
     def _runner(self) -> AsyncLLM | None:
         return self._llm
-
-    def _require_ready(self, task: str = "generate") -> AsyncLLM:
-        llm = super()._require_ready()
-        require_task(self.config, self._task, task, chat_embeds=False)  # one runner a model
-        return llm
 
     async def close(self) -> None:
         await self._end_prompt_work()

@@ -27,8 +27,8 @@ from engines.base import (
     Prompt,
     SamplingParams,
     Scores,
-    UnsupportedFeature,
 )
+from engines.common import not_a_reranker
 from gateway.models.governor import Eviction, InsufficientMemory, MemoryGovernor
 from gateway.telemetry import metrics
 
@@ -250,10 +250,7 @@ class ManagedModel:
 
     async def rerank(self, query: str, documents: list[str]) -> Scores:
         if self.kind != "rerank":  # refused before a load: a chat model is not loaded only to say no
-            raise UnsupportedFeature(
-                f"model {self.served_name!r} is not a reranker; /v1/rerank needs a model served with "
-                "`options: {task: rerank}`", param="model",
-            )  # fmt: skip
+            raise not_a_reranker(self.served_name)
         with self.serving():
             await self.ensure_loaded()
             return await self._engine.rerank(query, documents)
