@@ -113,7 +113,7 @@ class WorkerThread:
         arriving, self._arriving = self._arriving, []
         for sequence in arriving:
             if self._stopping:  # the worker has gone: nothing else would answer this sequence
-                sequence.inbox.put_nowait(EngineNotReady("the engine is shutting down"))
+                sequence.inbox.put_nowait(shutting_down())
             else:
                 self._post(sequence)
 
@@ -181,6 +181,11 @@ class WorkerThread:
         if self._outbox:
             items, self._outbox = self._outbox, []
             self._loop.call_soon_threadsafe(self._deliver, items)
+
+
+def shutting_down() -> EngineNotReady:
+    """What a sequence the worker will not finish hears as the engine closes: a 503, as for a model not ready."""
+    return EngineNotReady("the engine is shutting down")
 
 
 class JobThread(WorkerThread):

@@ -29,7 +29,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from engines.base import Delta, EngineNotReady, SamplingParams, TokenLogprob
+from engines.base import Delta, SamplingParams, TokenLogprob
 from engines.json_budget import BudgetWatch
 from engines.llamacpp.native import (
     Batch,
@@ -61,7 +61,7 @@ from engines.llamacpp.steps import (
     Steps,
 )
 from engines.text import StopMatcher
-from engines.worker_thread import WorkerThread
+from engines.worker_thread import WorkerThread, shutting_down
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class Scheduler(WorkerThread):
                     self._fail(sequence, exc)
             self._flush_outbox()
         for sequence in list(self._running) + list(self._waiting):
-            self._fail(sequence, EngineNotReady("the engine is shutting down"))
+            self._fail(sequence, shutting_down())
         self._flush_outbox()
 
     def _drop_cancelled(self) -> None:

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from engines.base import Delta, EngineNotReady, GenerationFailed, SamplingParams, TokenLogprob
+from engines.base import Delta, GenerationFailed, SamplingParams, TokenLogprob
 from engines.llguidance_grammars import special_tokens
 from engines.text import StopMatcher
 from engines.transformers.sampling import TokenChooser
-from engines.worker_thread import WorkerThread
+from engines.worker_thread import WorkerThread, shutting_down
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Worker(WorkerThread):
                     self._send(sequence, GenerationFailed(f"generation failed: {exc}"))
             self._flush_outbox()
         for sequence in self._running + list(self._waiting):
-            self._send(sequence, EngineNotReady("the engine is shutting down"))
+            self._send(sequence, shutting_down())
         self._flush_outbox()
 
     def _admit(self) -> None:
