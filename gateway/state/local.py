@@ -40,7 +40,6 @@ class LocalWindow:
             self._charged += used
 
     def _over_tokens(self, now: float) -> Refusal | None:
-        self._forget(now)
         if self.tpm is None or self._charged + self._held < self.tpm:
             return None
         # Requests in flight may end any moment, using less than they hold.
